@@ -1,0 +1,1 @@
+"""The xenha operator: decides roles, owns XenReplication status, issues TLS material."""
