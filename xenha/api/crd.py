@@ -199,6 +199,13 @@ def xenreplication_crd() -> dict[str, Any]:
     ]
     status = openapi_schema(XenReplicationStatus, defaults=False)
     status["description"] = "What the operator observed; written by the operator only."
+    # kopf keeps its handler progress here (not in annotations, which belong to the user);
+    # declared so the API server does not prune it and leave a deletion handler stuck.
+    status["properties"]["kopf"] = {
+        "type": "object",
+        "description": "The operator's handler bookkeeping (kopf progress storage).",
+        "x-kubernetes-preserve-unknown-fields": True,
+    }
     schema = _root(
         "XenReplication keeps a Xen domain running through the loss of its host by "
         "replicating it to a second host with xl remus (Remus or COLO).",
