@@ -17,12 +17,7 @@ from xenha.testing.fixtures import NodeFactory
 CRDS = Path(__file__).resolve().parents[2] / "crds"
 XR_CRD = CRDS / "xenreplications.xenha.io.yaml"
 
-pytestmark = [
-    pytest.mark.integration,
-    # Written by the API work (generated from the models); until it lands there is nothing to
-    # install. This is the only skip: a missing binary fails.
-    pytest.mark.skipif(not XR_CRD.exists(), reason=f"{XR_CRD} not generated yet"),
-]
+pytestmark = pytest.mark.integration
 
 
 def crd_documents() -> list[dict[str, Any]]:
