@@ -1,0 +1,381 @@
+"""The agent's control loop on a simulated Xen host, against a real kube-apiserver.
+
+The test plays the operator (XenReplication status, the fencing Lease, the TLS Secret and its
+Role) and the relay (a fake replicator speaking the real control protocol, whose peer link the
+test cuts). The agent under test is the real one: its RBAC, its Leases, its decisions.
+Every scenario uses a lease duration D of 2 s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import aiohttp
+import pytest
+from xenha_agent.agent import Agent
+from xenha_agent.kube import leases_path, xennodes_path
+from xenha_agent.leases import HostLeaseRenewer
+
+from .fake_replicator import FakeLauncher
+from .scene import (
+    D,
+    has_event,
+    host_lease_renewed_once,
+    paused,
+    running,
+    state_is,
+    until,
+    wait_entry,
+)
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    from xenha.sim.host import SimHost
+
+    started = {n: SimHost.start(tmp_path_factory.mktemp(n), n) for n in ("sim-a", "sim-b")}
+    try:
+        yield started
+    finally:
+        for host in started.values():
+            host.stop()
+
+
+async def _designated_is(scene: Any, node: str) -> bool:
+    return bool(await scene.designated() == node)
+
+
+def fake(launcher: FakeLauncher) -> Callable[[], bool]:
+    return lambda: bool(launcher.replicators)
+
+
+def test_agent_reports_its_host_and_becomes_ready(scene, hosts, run):
+    async def scenario() -> None:
+        agent = Agent(scene.settings(scene.b, hosts["sim-b"]), launcher=FakeLauncher())
+        async with running(agent):
+            await until(lambda: agent.health.ready)
+            node = await scene.admin.get(xennodes_path(scene.b))
+            status = node["status"]
+            assert status["xen"]["version"] == "4.17"
+            assert status["relayEndpoint"] == f"127.0.0.1:{agent.relay_port}"
+            lease = await scene.admin.get(leases_path(scene.ns, f"xenha-node-{scene.b}"))
+            assert lease["spec"]["holderIdentity"] == scene.b
+            async with aiohttp.ClientSession() as http:
+                base = f"http://127.0.0.1:{agent.health_port}"
+                for probe in ("/healthz", "/readyz"):
+                    async with http.get(base + probe) as resp:
+                        assert resp.status == 200
+                async with http.get(base + "/metrics") as resp:
+                    text = await resp.text()
+                    assert 'xenha_agent_lease_renewals_total{result="success"}' in text
+
+    run(scenario())
+
+
+def test_standby_takes_over_when_the_holder_goes_silent(scene, hosts, run):
+    launcher = FakeLauncher()
+
+    async def scenario() -> None:
+        await scene.create()
+        await host_lease_renewed_once(scene.admin, scene.ns, scene.a)
+        agent = Agent(scene.settings(scene.b, hosts["sim-b"]), launcher=launcher)
+        async with running(agent):
+            await until(fake(launcher))
+            replica = launcher.by_role("secondary")
+            assert launcher.launched[0].command[:2] == [
+                str(hosts["sim-b"].xl_path),
+                "migrate-receive",
+            ]
+            replica.connect()
+            await until(lambda: state_is(scene, scene.b, "Replicating"))
+            replica.lose_peer()
+            await until(lambda: "activate" in replica.calls, seconds=D + 8)
+            assert await scene.holder() == scene.b
+            lease = await scene.admin.get(leases_path(scene.ns, "db1-fence"))
+            assert lease["spec"]["leaseTransitions"] == 1
+            await until(lambda: has_event(scene, "FailoverActivated"))
+            entry = await wait_entry(scene, scene.b, lambda e: e.get("failover"))
+            assert entry["failover"]["from"] == scene.a
+            assert entry["failover"]["to"] == scene.b
+            assert "drop" not in replica.calls
+
+    run(scenario())
+
+
+def test_standby_holds_its_copy_until_the_active_revokes_it(scene, hosts, run):
+    launcher = FakeLauncher()
+
+    async def scenario() -> None:
+        await scene.create()
+        holder_agent = HostLeaseRenewer(scene.admin, namespace=scene.ns, node=scene.a)
+        holder_agent.set_durations([D])
+        renewing = asyncio.create_task(holder_agent.run())
+        agent = Agent(scene.settings(scene.b, hosts["sim-b"]), launcher=launcher)
+        try:
+            async with running(agent):
+                await until(fake(launcher))
+                replica = launcher.by_role("secondary")
+                replica.connect()
+                replica.lose_peer()
+                # The active is alive (it renews) and still names us: keep the copy, wait.
+                await asyncio.sleep(D + 1)
+                assert replica.calls.count("activate") == replica.calls.count("drop") == 0
+                # The active revokes us (it runs on unprotected): our copy is stale.
+                await scene.revoke()
+                await until(lambda: "drop" in replica.calls, seconds=5)
+                assert "activate" not in replica.calls
+                assert await scene.holder() == scene.a
+                await until(lambda: has_event(scene, "CopyDropped"))
+        finally:
+            renewing.cancel()
+
+    run(scenario())
+
+
+def test_no_takeover_while_the_stream_is_alive_even_if_the_holder_is_silent(scene, hosts, run):
+    launcher = FakeLauncher()
+
+    async def scenario() -> None:
+        await scene.create()
+        await host_lease_renewed_once(scene.admin, scene.ns, scene.a)
+        agent = Agent(scene.settings(scene.b, hosts["sim-b"]), launcher=launcher)
+        async with running(agent):
+            await until(fake(launcher))
+            replica = launcher.by_role("secondary")
+            replica.connect()
+            await asyncio.sleep(3 * D)
+            assert replica.calls.count("activate") == replica.calls.count("drop") == 0
+            assert await scene.holder() == scene.a
+
+    run(scenario())
+
+
+def test_restarting_the_standby_agent_changes_nothing(scene, hosts, run):
+    launcher = FakeLauncher()
+
+    async def scenario() -> None:
+        await scene.create()
+        await host_lease_renewed_once(scene.admin, scene.ns, scene.a)
+        settings = scene.settings(scene.b, hosts["sim-b"])
+        async with running(Agent(settings, launcher=launcher)):
+            await until(fake(launcher))
+            replica = launcher.by_role("secondary")
+            replica.connect()
+            await until(lambda: replica.lease is not None)
+        # The agent is gone; its replicator is not. A new agent finds it in the run dir.
+        calls_before = list(replica.calls)
+        async with running(Agent(settings, launcher=launcher)) as second:
+            await until(lambda: scene.uid in second.replicators)
+            await asyncio.sleep(2 * D)
+            assert len(launcher.launched) == 1
+            new_calls = replica.calls[len(calls_before) :]
+            assert set(new_calls) <= {"lease"}
+            assert await scene.holder() == scene.a
+            entry = await wait_entry(scene, scene.b, lambda e: e["state"] == "Replicating")
+            assert entry["role"] == "secondary"
+
+    run(scenario())
+
+
+def test_active_designates_its_standby_once_a_checkpoint_is_acknowledged(scene, hosts, run):
+    launcher = FakeLauncher()
+    host = hosts["sim-a"]
+
+    async def scenario() -> None:
+        await scene.create(designated=False)
+        await scene.peer_xennode(scene.b)
+        host.create_guest(scene.domain, memory_mib=16)
+        agent = Agent(scene.settings(scene.a, host), launcher=launcher)
+        try:
+            async with running(agent):
+                await until(fake(launcher))
+                primary = launcher.by_role("primary")
+                assert primary.config.peer_address == "127.0.0.1:1"
+                primary.connect(checkpoints=0)  # seeding: no valid standby yet
+                await asyncio.sleep(1)
+                assert await scene.designated() is None
+                primary.checkpoints = 1
+                await until(lambda: _designated_is(scene, scene.b))
+        finally:
+            host.xl("destroy", scene.domain)
+
+    run(scenario())
+
+
+def test_active_revokes_the_standby_before_releasing_held_output(scene, hosts, run):
+    launcher = FakeLauncher()
+    host = hosts["sim-a"]
+
+    async def scenario() -> None:
+        await scene.create()
+        await scene.peer_xennode(scene.b)
+        host.create_guest(scene.domain, memory_mib=16)
+        agent = Agent(scene.settings(scene.a, host), launcher=launcher)
+        try:
+            async with running(agent):
+                await until(fake(launcher))
+                primary = launcher.by_role("primary")
+                primary.connect()
+                primary.lose_peer()
+                await until(lambda: "degrade" in primary.calls)
+                # The revoke landed before the release.
+                assert await scene.designated() is None
+                assert await scene.holder() == scene.a
+                assert "fence" not in primary.calls
+                assert not paused(host, scene.domain)
+                await until(lambda: has_event(scene, "RunningUnprotected"))
+        finally:
+            host.xl("destroy", scene.domain)
+
+    run(scenario())
+
+
+def test_active_fences_itself_without_api_and_peer_then_resumes(scene, hosts, run):
+    launcher = FakeLauncher()
+    host = hosts["sim-a"]
+
+    async def scenario() -> None:
+        await scene.create()
+        await scene.peer_xennode(scene.b)
+        host.create_guest(scene.domain, memory_mib=16)
+        agent = Agent(scene.settings(scene.a, host), launcher=launcher)
+        try:
+            async with running(agent):
+                await until(fake(launcher))
+                primary = launcher.by_role("primary")
+                primary.connect()
+                await until(lambda: primary.lease is not None)
+                real_host = agent.kube.connection.host
+                # Cut this agent off from the API server, then lose the peer too: it cannot
+                # revoke, so it holds the output and pauses before the standby may take over.
+                agent.kube.connection.host = "https://127.0.0.1:1"
+                primary.lose_peer()
+                await until(lambda: "fence" in primary.calls, seconds=D + 5)
+                assert paused(host, scene.domain)
+                assert "degrade" not in primary.calls
+                # Back on the API: revoke, release, resume (the fencing Lease is still ours).
+                agent.kube.connection.host = real_host
+                await until(lambda: "unfence" in primary.calls, seconds=D + 10)
+                assert primary.calls.index("degrade") < primary.calls.index("unfence")
+                assert await scene.designated() is None
+                await until(lambda: not paused(host, scene.domain))
+                await until(lambda: has_event(scene, "SelfFenced"))
+                await until(lambda: has_event(scene, "FenceLifted"))
+        finally:
+            host.xl("destroy", scene.domain)
+
+    run(scenario())
+
+
+def test_old_active_destroys_its_copy_once_the_lease_names_the_standby(scene, hosts, run):
+    launcher = FakeLauncher()
+    host = hosts["sim-a"]
+
+    async def scenario() -> None:
+        await scene.create()
+        await scene.peer_xennode(scene.b)
+        host.create_guest(scene.domain, memory_mib=16)
+        agent = Agent(scene.settings(scene.a, host), launcher=launcher)
+        try:
+            async with running(agent):
+                await until(fake(launcher))
+                primary = launcher.by_role("primary")
+                primary.connect()
+                primary.lose_peer()
+                await scene.set_holder(scene.b)  # the standby took over
+                await until(lambda: host.domain(scene.domain) is None, seconds=10)
+                await until(lambda: has_event(scene, "CopyDestroyed"))
+                assert "stop" in primary.calls
+        finally:
+            host.xl("destroy", scene.domain)
+
+    run(scenario())
+
+
+def test_automatic_failover_off_keeps_the_copy_and_waits(scene, hosts, run):
+    launcher = FakeLauncher()
+
+    async def scenario() -> None:
+        await scene.create(automatic=False)
+        await host_lease_renewed_once(scene.admin, scene.ns, scene.a)
+        agent = Agent(scene.settings(scene.b, hosts["sim-b"]), launcher=launcher)
+        async with running(agent):
+            await until(fake(launcher))
+            replica = launcher.by_role("secondary")
+            replica.connect()
+            replica.lose_peer()
+            await asyncio.sleep(2 * D)
+            assert replica.calls.count("activate") == replica.calls.count("drop") == 0
+            assert await scene.holder() == scene.a
+
+    run(scenario())
+
+
+def test_planned_switchover_hands_the_lease_over(scene, hosts, run):
+    launcher_a, launcher_b = FakeLauncher(), FakeLauncher()
+    host_a = hosts["sim-a"]
+
+    async def scenario() -> None:
+        await scene.create()
+        host_a.create_guest(scene.domain, memory_mib=16)
+        agent_a = Agent(scene.settings(scene.a, host_a), launcher=launcher_a)
+        agent_b = Agent(scene.settings(scene.b, hosts["sim-b"]), launcher=launcher_b)
+        try:
+            async with running(agent_b), running(agent_a):
+                await until(fake(launcher_b))
+                await until(fake(launcher_a))
+                primary, replica = launcher_a.by_role("primary"), launcher_b.by_role("secondary")
+                primary.connect(checkpoints=5)
+                replica.connect(checkpoints=5)
+                await scene.switchover_to(scene.b)
+                # The active pauses first and waits for the standby to see two more checkpoints.
+                await until(lambda: "fence" in primary.calls)
+                assert paused(host_a, scene.domain)
+                await asyncio.sleep(0.5)
+                assert await scene.holder() == scene.a
+                primary.checkpoints = replica.checkpoints = 7
+                await until(lambda: scene.holder_is(scene.b))
+                # The old active destroys its paused copy; the stream ends; the standby runs.
+                await until(lambda: host_a.domain(scene.domain) is None)
+                replica.lose_peer()
+                await until(lambda: "activate" in replica.calls)
+                entry = await wait_entry(scene, scene.b, lambda e: e.get("failover"))
+                assert entry["failover"]["reason"] == "Switchover"
+                assert entry["failover"]["from"] == scene.a
+                await until(lambda: has_event(scene, "SwitchoverActivated"))
+                await until(lambda: has_event(scene, "CopyDestroyed"))
+                assert "drop" not in replica.calls
+        finally:
+            host_a.xl("destroy", scene.domain)
+
+    run(scenario())
+
+
+def test_a_copy_that_came_up_without_the_lease_is_destroyed(scene, hosts, run):
+    """If a standby's replicator dies, its receiver's input closes and xl fails over on its
+    own: the guest comes up without the fencing Lease. Its agent destroys it."""
+    launcher = FakeLauncher()
+    host_b = hosts["sim-b"]
+
+    async def scenario() -> None:
+        await scene.create()
+        agent = Agent(scene.settings(scene.b, host_b), launcher=launcher)
+        try:
+            async with running(agent):
+                await until(fake(launcher))
+                replica = launcher.by_role("secondary")
+                replica.connect()
+                await until(lambda: state_is(scene, scene.b, "Replicating"))
+                replica.close()  # the replicator dies...
+                host_b.create_guest(scene.domain, memory_mib=16)  # ...and xl failed over
+                await until(lambda: host_b.domain(scene.domain) is None, seconds=15)
+                await until(lambda: has_event(scene, "CopyDestroyed"))
+                assert await scene.holder() == scene.a
+        finally:
+            host_b.xl("destroy", scene.domain)
+
+    run(scenario())
