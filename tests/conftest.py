@@ -1,1 +1,1 @@
-pytest_plugins = ["xenha.testing.fixtures"]
+pytest_plugins = ["xenha.testing.fixtures", "xenha.testing.stack_fixtures"]
