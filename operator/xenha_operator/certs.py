@@ -31,18 +31,17 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from xenha import pki
+from xenha.pki import MAX_CN
 
 from .owned import Owner, owned_metadata
 from .rbac import agent_secret_rules
 
 CA_CERT_KEY = "ca.crt"
 CA_KEY_KEY = "ca.key"
-
-#: X.509's upper bound for a common name.
-MAX_CN = 64
 
 #: Certificates start this long before "now": the peer's clock may be a little behind ours.
 BACKDATE = timedelta(minutes=5)
@@ -107,22 +106,6 @@ class _Pair:
     key: ec.EllipticCurvePrivateKey
 
 
-def _new_key() -> ec.EllipticCurvePrivateKey:
-    return ec.generate_private_key(ec.SECP256R1())
-
-
-def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-
-
-def _cert_pem(cert: x509.Certificate) -> bytes:
-    return cert.public_bytes(serialization.Encoding.PEM)
-
-
 def _load_pair(cert_pem: bytes | None, key_pem: bytes | None) -> _Pair | None:
     """A certificate with its key, or None when absent, garbled, or not matching."""
     if not cert_pem or not key_pem:
@@ -151,81 +134,31 @@ def _renewal_time(cert: x509.Certificate, renew_fraction: float) -> datetime:
 
 
 def _issue_ca(common_name: str, now: datetime, validity: timedelta) -> _Pair:
-    key = _new_key()
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name[:MAX_CN])])
-    ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - BACKDATE)
-        .not_valid_after(now + validity)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(ski, critical=False)
-        .sign(key, hashes.SHA256())
+    key = pki.generate_key()
+    cert = pki.self_signed_ca(
+        key,
+        pki.name(common_name[:MAX_CN]),
+        not_before=now - BACKDATE,
+        not_after=now + validity,
     )
     return _Pair(cert, key)
 
 
 def _issue_node(node: str, ca: _Pair, now: datetime, validity: timedelta) -> _Pair:
-    key = _new_key()
-    # Never outlive the CA: a chain with an expired CA fails even if the leaf is valid.
-    not_after = min(now + validity, ca.cert.not_valid_after_utc)
+    key = pki.generate_key()
     # X.509 caps the CN at 64 characters, Kubernetes node names go to 253: a longer name
-    # lives in the SAN alone (which peers verify anyway), and the SAN becomes critical.
-    short = len(node) <= MAX_CN
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, node)] if short else [])
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(ca.cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - BACKDATE)
-        .not_valid_after(not_after)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=False,
-                crl_sign=False,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(
-            x509.ExtendedKeyUsage(
-                [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
-            ),
-            critical=False,
-        )
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(node)]), critical=not short)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca.key.public_key()),
-            critical=False,
-        )
-        .sign(ca.key, hashes.SHA256())
+    # lives in the SAN alone, which peers verify anyway.
+    cert = pki.issue_leaf(
+        ca.cert,
+        ca.key,
+        key.public_key(),
+        pki.name(node if len(node) <= MAX_CN else None),
+        not_before=now - BACKDATE,
+        not_after=now + validity,
+        dns_names=[node],
+        # Each node both accepts its peer's connection and dials it.
+        server=True,
+        client=True,
     )
     return _Pair(cert, key)
 
@@ -291,7 +224,7 @@ def plan_tls(
     for old in previous_cas + _load_bundle(tls_data.get(CA_CERT_KEY)):
         if old.not_valid_after_utc > now and all(old != t for t in trusted):
             trusted.append(old)
-    bundle = b"".join(_cert_pem(c) for c in trusted)
+    bundle = b"".join(pki.cert_pem(c) for c in trusted)
     if bundle != tls_data.get(CA_CERT_KEY):
         changed = True
 
@@ -307,11 +240,11 @@ def plan_tls(
         ):
             pair = _issue_node(node, ca, now, cert_validity)
             changed = True
-        new_tls[node_cert_key(node)] = _cert_pem(pair.cert)
-        new_tls[node_key_key(node)] = _key_pem(pair.key)
+        new_tls[node_cert_key(node)] = pki.cert_pem(pair.cert)
+        new_tls[node_key_key(node)] = pki.key_pem(pair.key)
         renew_at = min(renew_at, _renewal_time(pair.cert, renew_fraction))
 
     if set(new_tls) != set(tls_data):
         changed = True  # a node left
-    new_ca = {CA_CERT_KEY: _cert_pem(ca.cert), CA_KEY_KEY: _key_pem(ca.key)}
+    new_ca = {CA_CERT_KEY: pki.cert_pem(ca.cert), CA_KEY_KEY: pki.key_pem(ca.key)}
     return TlsPlan(ca_data=new_ca, tls_data=new_tls, renew_at=renew_at, changed=changed)

@@ -10,10 +10,12 @@ import datetime
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from xenha import pki
+
+#: Certificates start this long before "now", as the operator's do.
+BACKDATE = datetime.timedelta(minutes=5)
+#: Far longer than any test or bench run.
+VALIDITY = datetime.timedelta(days=1)
 
 
 @dataclass(frozen=True)
@@ -38,82 +40,36 @@ class NodeCert:
         return ca, cert, key
 
 
-def _name(common_name: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-
-
-def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-
-
 class TestCA:
     """A CA as the operator issues one per replication."""
 
     __test__ = False  # not a pytest test class
 
     def __init__(self, name: str = "xenha-test-ca") -> None:
-        self.key = ec.generate_private_key(ec.SECP256R1())
+        self.key = pki.generate_key()
         now = datetime.datetime.now(datetime.UTC)
-        self.cert = (
-            x509.CertificateBuilder()
-            .subject_name(_name(name))
-            .issuer_name(_name(name))
-            .public_key(self.key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=True,
-                    crl_sign=True,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
-            .sign(self.key, hashes.SHA256())
+        self.cert = pki.self_signed_ca(
+            self.key, pki.name(name), not_before=now - BACKDATE, not_after=now + VALIDITY
         )
-        self.pem = self.cert.public_bytes(serialization.Encoding.PEM)
+        self.pem = pki.cert_pem(self.cert)
 
     def issue(
         self, node: str, *, common_name: str | None = None, dns_names: list[str] | None = None
     ) -> NodeCert:
         """A node certificate; by default CN and SAN DNS both name the node."""
-        key = ec.generate_private_key(ec.SECP256R1())
+        key = pki.generate_key()
         now = datetime.datetime.now(datetime.UTC)
-        sans = [x509.DNSName(n) for n in (dns_names if dns_names is not None else [node])]
-        builder = (
-            x509.CertificateBuilder()
-            .subject_name(_name(common_name if common_name is not None else node))
-            .issuer_name(self.cert.subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(
-                x509.ExtendedKeyUsage(
-                    [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
-                ),
-                critical=False,
-            )
+        cert = pki.issue_leaf(
+            self.cert,
+            self.key,
+            key.public_key(),
+            pki.name(common_name if common_name is not None else node),
+            not_before=now - BACKDATE,
+            not_after=now + VALIDITY,
+            dns_names=dns_names if dns_names is not None else [node],
+            server=True,
+            client=True,
         )
-        if sans:
-            builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        cert = builder.sign(self.key, hashes.SHA256())
         return NodeCert(
-            node=node,
-            ca_pem=self.pem,
-            cert_pem=cert.public_bytes(serialization.Encoding.PEM),
-            key_pem=_key_pem(key),
+            node=node, ca_pem=self.pem, cert_pem=pki.cert_pem(cert), key_pem=pki.key_pem(key)
         )

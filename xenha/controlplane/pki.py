@@ -12,11 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
+from xenha import pki as x509pki
+from xenha.pki import PrivateKey as PrivateKey
 
 # The in-cluster names of the apiserver; nothing routes to them here, but a certificate that
 # carries them is what a real cluster presents.
@@ -51,14 +49,6 @@ class Pki:
     sa_public: Path
 
 
-def _key_pem(key: PrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-
-
 def _write(path: Path, data: bytes, private: bool = False) -> Path:
     path.write_bytes(data)
     if private:
@@ -66,125 +56,71 @@ def _write(path: Path, data: bytes, private: bool = False) -> Path:
     return path
 
 
-def _name(common_name: str, organization: str | None = None) -> x509.Name:
-    attrs = [x509.NameAttribute(NameOID.COMMON_NAME, common_name)]
-    if organization:
-        attrs.append(x509.NameAttribute(NameOID.ORGANIZATION_NAME, organization))
-    return x509.Name(attrs)
-
-
-def _builder(
-    subject: x509.Name, issuer: x509.Name, public_key: ec.EllipticCurvePublicKey
-) -> x509.CertificateBuilder:
-    now = datetime.datetime.now(datetime.UTC)
-    return (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(issuer)
-        .public_key(public_key)
-        .serial_number(x509.random_serial_number())
-        # Backdated so that a clock step between generation and use cannot make it "not yet
-        # valid"; a week is far longer than any test run or lab session.
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=7))
-    )
-
-
 def generate(directory: Path) -> Pki:
     directory.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.UTC)
+    # Backdated so that a clock step between generation and use cannot make it "not yet
+    # valid"; a week is far longer than any test run or lab session.
+    not_before = now - datetime.timedelta(hours=1)
+    not_after = now + datetime.timedelta(days=7)
+
     # P-256 keys take microseconds to generate where RSA takes tens of milliseconds each.
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = _name("xenha-test-ca")
-    ca_cert = (
-        _builder(ca_name, ca_name, ca_key.public_key())
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), False)
-        .sign(ca_key, hashes.SHA256())
+    ca_key = x509pki.generate_key()
+    ca_cert = x509pki.self_signed_ca(
+        ca_key,
+        x509pki.name("xenha-test-ca"),
+        not_before=not_before,
+        not_after=not_after,
+        path_length=None,
     )
     ca = KeyPair(
-        _write(directory / "ca.crt", ca_cert.public_bytes(serialization.Encoding.PEM)),
-        _write(directory / "ca.key", _key_pem(ca_key), private=True),
+        _write(directory / "ca.crt", x509pki.cert_pem(ca_cert)),
+        _write(directory / "ca.key", x509pki.key_pem(ca_key), private=True),
     )
 
     def leaf(
         stem: str,
         subject: x509.Name,
-        usage: x509.ObjectIdentifier,
-        san: x509.SubjectAlternativeName | None = None,
+        *,
+        server: bool = False,
+        dns_names: tuple[str, ...] = (),
+        ip_addresses: tuple[x509pki.IPAddress, ...] = (),
     ) -> KeyPair:
-        key = ec.generate_private_key(ec.SECP256R1())
-        builder = (
-            _builder(subject, ca_name, key.public_key())
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=False,
-                    crl_sign=False,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
-                critical=True,
-            )
-            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-            .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False
-            )
+        key = x509pki.generate_key()
+        cert = x509pki.issue_leaf(
+            ca_cert,
+            ca_key,
+            key.public_key(),
+            subject,
+            not_before=not_before,
+            not_after=not_after,
+            dns_names=dns_names,
+            ip_addresses=ip_addresses,
+            server=server,
+            client=not server,
         )
-        if san is not None:
-            builder = builder.add_extension(san, critical=False)
-        cert = builder.sign(ca_key, hashes.SHA256())
         return KeyPair(
-            _write(directory / f"{stem}.crt", cert.public_bytes(serialization.Encoding.PEM)),
-            _write(directory / f"{stem}.key", _key_pem(key), private=True),
+            _write(directory / f"{stem}.crt", x509pki.cert_pem(cert)),
+            _write(directory / f"{stem}.key", x509pki.key_pem(key), private=True),
         )
 
     serving = leaf(
         "apiserver",
-        _name("kube-apiserver"),
-        ExtendedKeyUsageOID.SERVER_AUTH,
-        x509.SubjectAlternativeName(
-            [x509.DNSName(n) for n in SERVING_DNS]
-            + [
-                x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-                x509.IPAddress(ipaddress.ip_address("10.0.0.1")),
-            ]
-        ),
+        x509pki.name("kube-apiserver"),
+        server=True,
+        dns_names=SERVING_DNS,
+        ip_addresses=(ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("10.0.0.1")),
     )
     # system:masters bypasses authorization entirely, which is what an admin (and a
     # controller-manager that uses its own credentials for every controller) needs.
-    admin = leaf("admin", _name("xenha-admin", "system:masters"), ExtendedKeyUsageOID.CLIENT_AUTH)
+    admin = leaf("admin", x509pki.name("xenha-admin", "system:masters"))
     kcm = leaf(
         "controller-manager",
-        _name("system:kube-controller-manager", "system:masters"),
-        ExtendedKeyUsageOID.CLIENT_AUTH,
+        x509pki.name("system:kube-controller-manager", "system:masters"),
     )
 
     # RSA for the ServiceAccount issuer: RS256 is what every token consumer understands.
-    sa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    sa_private = _write(directory / "sa.key", _key_pem(sa_key), private=True)
-    sa_public = _write(
-        directory / "sa.pub",
-        sa_key.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-        ),
-    )
+    sa_key = x509pki.generate_key("rsa")
+    sa_private = _write(directory / "sa.key", x509pki.key_pem(sa_key), private=True)
+    sa_public = _write(directory / "sa.pub", x509pki.public_key_pem(sa_key))
     return Pki(ca, serving, admin, kcm, sa_private, sa_public)
