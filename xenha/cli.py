@@ -32,6 +32,18 @@ COMMANDS: dict[tuple[str, ...], tuple[str, str]] = {
     ),
     ("sim",): ("xenha.sim.cli:sim_main", "run simulated Xen hosts"),
     ("lab",): ("xenha.lab.cli:lab_main", "the local lab: up, status, failover, switchover, down"),
+    ("realxen", "build"): (
+        "xenha.realxen.image:main",
+        "build the real Xen 4.17 dom0 image for QEMU (cached)",
+    ),
+    ("realxen", "record"): (
+        "xenha.realxen.record:main",
+        "boot two real Xen hosts and record an xl remus stream",
+    ),
+    ("realxen", "vectors"): (
+        "xenha.realxen.vectors:main",
+        "cut codec test vectors out of a recording",
+    ),
 }
 
 
