@@ -61,6 +61,24 @@ def test_xl_list_rejects_what_is_not_xl_output(text: str) -> None:
         parse_list(text)
 
 
+@pytest.mark.parametrize(
+    ("flags", "state"),
+    [
+        ("r-----", "running"),
+        ("-b----", "running"),
+        ("--p---", "paused"),
+        # Mid-checkpoint under Remus/COLO: shut down for suspend, seen on real Xen 4.17.
+        ("---ss-", "running"),
+        ("---sc-", "crashed"),
+        ("---sr-", "shutdown"),
+        ("-----d", "dying"),
+    ],
+)
+def test_domain_state_from_xl_list_flags(flags: str, state: str) -> None:
+    domain = Domain(name="db1", domid=3, memory_mib=128, vcpus=1, flags=flags, cpu_time=0.0)
+    assert domain.state == state
+
+
 def test_xl_list_long_is_json_with_a_config_per_domain() -> None:
     text = '[{"domid": 3, "config": {"c_info": {"type": "pv", "name": "db1"}, "b_info": {}}}]'
     [details] = parse_list_long(text)

@@ -65,6 +65,10 @@ class Domain:
         if dying == "d":
             return "dying"
         if shutdown == "s":
+            if reason == "s":
+                # Shut down for suspend: under Remus/COLO that is a checkpoint in progress
+                # (real Xen shows `---ss-` in most samples), so the guest is running.
+                return "running"
             return "crashed" if reason == "c" else "shutdown"
         if paused == "p":
             return "paused"
