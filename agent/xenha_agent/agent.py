@@ -114,6 +114,10 @@ INFO_PERIOD = 10.0
 # How long a launched replicator may take to open its control socket.
 REPLICATOR_START_GRACE = 15.0
 
+# Why a guest is paused again: the record says fenced, xl says running (a crash between the
+# record and the pause, or a pause undone by someone else).
+FENCE_NOT_IN_PLACE = "FenceNotInPlace"
+
 # A standby's copy exists (incoming) in these states; fencing decides its fate.
 _STANDBY_STATES = frozenset(
     {
@@ -123,9 +127,6 @@ _STANDBY_STATES = frozenset(
         ReplicatorState.PEER_LOST,
     }
 )
-# A planned hand-over waits for the standby to report this many checkpoints past the pause:
-# the first may have begun before the pause; the second holds only paused state.
-HANDOVER_CHECKPOINTS = 2
 
 
 @dataclass
@@ -207,6 +208,9 @@ class Agent:
         self.health_port: int | None = None
         self._flush: asyncio.Task[None] | None = None
         self._info_at = 0.0
+        # `xl list` runs started, and which of them `domains` comes from (see _refresh_domains).
+        self._listings = 0
+        self._domains_from = 0
         # Per replication: how many actions have completed (see Attached.seen_actions).
         self.completed: dict[str, int] = {}
 
@@ -315,10 +319,17 @@ class Agent:
             self.colo_supported = await self.xl.supports_colo() and "hvm" in self.info.virt_caps
 
     async def _refresh_domains(self) -> None:
+        self._listings += 1
+        started = self._listings
         try:
-            self.domains = {d.name: d for d in await self.xl.list_domains()}
+            listed = {d.name: d for d in await self.xl.list_domains()}
         except (XlError, ValueError, OSError) as e:
             log.warning("xl list failed: %s", e)
+            return
+        # Listings overlap (the reporter's, an action's): one that began before the listing
+        # in use may predate a pause or a destroy in between, and must not undo it.
+        if started > self._domains_from:
+            self.domains, self._domains_from = listed, started
 
     async def discover(self) -> None:
         """Attach to replicators left by a previous agent (their sockets in the run dir)."""
@@ -586,7 +597,7 @@ class Agent:
             state.save(self.settings.run_dir, record)
         if record.fenced and not copy.paused and holder in (self.me, None):
             # Recorded as fenced but running (the pause never happened): pause it now.
-            self._act(uid, self._fence(uid, "FenceNotInPlace"))
+            self._act(uid, self._fence(uid, FENCE_NOT_IN_PLACE))
             return
         primary = status is not None and status.role is Role.PRIMARY
         standby = view.standby_node if view is not None else None
@@ -640,18 +651,25 @@ class Agent:
         )
 
     def _handing_over(self, view: ReplicationView | None, record: CopyRecord) -> bool:
-        """A planned switchover from this node to its standby is in progress."""
+        """A planned switchover from this node to its standby is in progress, and possible:
+        the stream to the standby is up."""
         if view is None or view.switchover_target is None:
             if record.handover_paused_at is not None:
                 # The switchover ended without the hand-over (it failed or was withdrawn):
                 # the guest is ours again, and resumes by the ordinary rule.
-                record.handover_paused_at = record.handover_checkpoints = None
+                record.handover_paused_at = None
                 state.save(self.settings.run_dir, record)
             return False
+        att = self.replicators.get(record.uid)
+        status = att.status if att is not None else None
+        # Without the stream the standby's copy is no longer current: the ordinary rules take
+        # over (revoke it, release the held output, resume the guest), and the hand-over
+        # starts again, with a new pause, once a new stream is up.
         return (
             view.active_node == self.me
             and view.switchover_target == view.standby_node
-            and self.replicators.get(record.uid) is not None
+            and status is not None
+            and status.peer_connected
         )
 
     # -- actions ----------------------------------------------------------------------------
@@ -797,18 +815,23 @@ class Agent:
 
     async def _pause(self, uid: str, record: CopyRecord) -> None:
         """Pause the guest once: through a primary replicator (which will not pause twice),
-        else with xl."""
-        att = self.replicators.get(uid)
-        if att is not None and att.status is not None and att.status.role is Role.PRIMARY:
-            try:
-                reply = await att.client.fence()
-                if reply.get("pauseExit", 0) == 0:
-                    return
-            except (ReplicatorError, ReplicatorUnavailable) as e:
-                log.warning("uid=%s: replicator could not fence (%s); pausing with xl", uid, e)
-        domain = await self.xl.domain(record.domain)
-        if domain is not None and not domain.paused:
-            await self.xl.pause(record.domain)
+        else with xl. Then list the domains again: every decision after a pause must see it
+        (a guest recorded as fenced but listed as running is paused again, as a fence that
+        is not in place)."""
+        try:
+            att = self.replicators.get(uid)
+            if att is not None and att.status is not None and att.status.role is Role.PRIMARY:
+                try:
+                    reply = await att.client.fence()
+                    if reply.get("pauseExit", 0) == 0:
+                        return
+                except (ReplicatorError, ReplicatorUnavailable) as e:
+                    log.warning("uid=%s: replicator could not fence (%s); pausing with xl", uid, e)
+            domain = await self.xl.domain(record.domain)
+            if domain is not None and not domain.paused:
+                await self.xl.pause(record.domain)
+        finally:
+            await self._refresh_domains()
 
     async def _fence(self, uid: str, reason: str) -> None:
         record = self.records[uid]
@@ -818,12 +841,15 @@ class Agent:
         state.save(self.settings.run_dir, record)
         await self._pause(uid, record)
         self.metrics.fences.labels(record.namespace, record.name, "pause").inc()
-        await self._refresh_domains()
+        if reason == FENCE_NOT_IN_PLACE:
+            why = "it was recorded as fenced but found running"
+        else:
+            stale = record.lease_duration - margin(record.lease_duration)
+            why = f"peer lost and no host Lease renewal for {stale:g}s"
         await self._emit(
             uid,
             ev.SELF_FENCED,
-            f"paused {record.domain} on {self.me}: peer lost and no host Lease renewal for "
-            f"{record.lease_duration - margin(record.lease_duration):g}s ({reason})",
+            f"paused {record.domain} on {self.me}: {why} ({reason})",
             warning=True,
         )
 
@@ -851,7 +877,7 @@ class Agent:
         record = self.records[uid]
         await self._destroy_domain(record.domain)
         record.fenced = False
-        record.handover_paused_at = record.handover_checkpoints = None
+        record.handover_paused_at = None
         state.save(self.settings.run_dir, record)
         att = self.replicators.get(uid)
         if att is not None:
@@ -871,30 +897,50 @@ class Agent:
         await self._refresh_domains()
 
     async def _hand_over(self, uid: str, to: str) -> None:
-        """Planned switchover, the active side: pause, let the standby get a checkpoint of
-        the paused guest, then give it the fencing Lease (it activates; we destroy ours)."""
+        """Planned switchover, the active side: pause the guest, wait until the standby has
+        acknowledged every checkpoint sent, then give it the fencing Lease (it activates from
+        its last checkpoint; we destroy our copy).
+
+        No checkpoint follows the pause: xl suspends the guest for each one, and a paused
+        guest never acknowledges the suspend request (libxl gives up after its suspend
+        timeout and ends the stream). What the guest did since its last checkpoint is lost
+        with our copy, and so is its output: released only once the standby acknowledged a
+        checkpoint holding it, it never was.
+        """
         record, att = self.records[uid], self.replicators.get(uid)
         status = att.status if att else None
         if att is None or status is None:
             return
-        if record.handover_paused_at is None:
+        copy = self.domains.get(record.domain)
+        if copy is None:
+            return
+        if record.handover_paused_at is None or not copy.paused:
             # Recorded as a fence of ours: if the switchover is called off, the ordinary
             # resume rule (fencing Lease still ours, renewals fresh) lifts exactly this pause.
+            # Paused again when it runs after all (resumed while the stream was down).
             record.fenced = True
             record.handover_paused_at = self.clock()
-            record.handover_checkpoints = status.peer_checkpoints or 0
             state.save(self.settings.run_dir, record)
             await self._pause(uid, record)
             log.info("uid=%s: switchover to %s: guest paused", uid, to)
             return
-        seen = status.peer_checkpoints or 0
-        if seen < (record.handover_checkpoints or 0) + HANDOVER_CHECKPOINTS:
+        # A status read after the pause (see Attached.seen_actions). A checkpoint that began
+        # before the pause and is still on its way may reach the standby or be lost with our
+        # copy: either way the standby activates from a checkpoint it acknowledged, and no
+        # output it lacks was released.
+        sent = status.checkpoints.total if status.checkpoints is not None else None
+        if (status.peer_checkpoints or 0) < (sent or 0):
             return
         got = await transfer_fencing_lease(
             self.kube, record.namespace, record.fence_lease, self.me, to, wallclock=self.wallclock
         )
-        if got.won:
-            log.info("uid=%s: switchover: fencing Lease handed to %s", uid, to)
+        log.info(
+            "uid=%s: switchover: hand the fencing Lease to %s: %s %s",
+            uid,
+            to,
+            got.outcome.value,
+            got.reason,
+        )
 
     # -- replicator lifecycle ---------------------------------------------------------------
 
@@ -923,7 +969,7 @@ class Agent:
         record.role = role
         record.lease_duration = view.lease_duration
         record.automatic = view.spec.failover.automatic
-        record.handover_paused_at = record.handover_checkpoints = None
+        record.handover_paused_at = None
         self.records[uid] = record
         state.save(self.settings.run_dir, record)
         pid = self.launcher.launch(config)

@@ -6,12 +6,19 @@ XenNode.status reports: how many checkpoints, how big, how far apart, how long t
 took on the wire (the guest is paused while a Remus checkpoint's dirty pages are written, so
 that is the visible part of the pause), and the stream's byte rate.
 
+The byte rate is an average over the recent past, worked out when it is read: a checkpointed
+stream comes in bursts (Remus every 100-200 ms, COLO seconds apart), and whoever samples it
+(the XenNode report every few seconds) must not see 0 just because it looked between two
+bursts, or before the first second of a stream was over.
+
 A stream the parser cannot follow (a newer Xen, a damaged stream) stops the counting, never
 the relay: `parse_error` says why, and the bytes keep flowing.
 """
 
 from __future__ import annotations
 
+import collections
+import math
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -20,7 +27,10 @@ from typing import Protocol
 
 from xenha.stream import CheckpointComplete, StreamError, StreamParser
 
-_RATE_WINDOW_S = 1.0
+# The rate averages at least this much recent time, and at least two checkpoint intervals.
+_RATE_WINDOW_S = 10.0
+# Bytes are counted per bucket of this length: the window is kept as a few dozen numbers.
+_RATE_BUCKET_S = 0.5
 
 
 class EventParser(Protocol):
@@ -84,18 +94,15 @@ class CheckpointStats:
         self._parse_error: str | None = None
         # When the first byte after the previous checkpoint went by: the current one began.
         self._current_started: float | None = None
-        self._rate = 0.0
-        self._window_start = clock()
-        self._window_bytes = 0
+        self._first_byte_at: float | None = None
+        # [bucket number, bytes] of the recent past, oldest first.
+        self._buckets: collections.deque[list[int]] = collections.deque()
 
     def observe(self, data: memoryview) -> None:
         now = self._clock()
         with self._lock:
             self._stream_bytes += len(data)
-            self._window_bytes += len(data)
-            if now - self._window_start >= _RATE_WINDOW_S:
-                self._rate = self._window_bytes / (now - self._window_start)
-                self._window_start, self._window_bytes = now, 0
+            self._count(now, len(data))
             if self._current_started is None and self._total > 0:
                 self._current_started = now
             if self._parser is None:
@@ -121,11 +128,38 @@ class CheckpointStats:
         self._last_monotonic = now
         self._last_bytes = event.bytes
 
+    def _window(self) -> float:
+        interval = (self._interval_ms or 0.0) / 1000
+        return max(_RATE_WINDOW_S, 2 * interval)
+
+    def _count(self, now: float, size: int) -> None:
+        if self._first_byte_at is None:
+            self._first_byte_at = now
+        bucket = math.floor(now / _RATE_BUCKET_S)
+        if self._buckets and self._buckets[-1][0] == bucket:
+            self._buckets[-1][1] += size
+        else:
+            self._buckets.append([bucket, size])
+        self._forget_before(now)
+
+    def _forget_before(self, now: float) -> None:
+        oldest = math.floor((now - self._window()) / _RATE_BUCKET_S)
+        while self._buckets and self._buckets[0][0] < oldest:
+            self._buckets.popleft()
+
+    def _rate(self, now: float) -> float:
+        """Bytes per second over the window, or over the stream's life while it is younger
+        (never less than a bucket: one burst is no rate of gigabytes per second)."""
+        if self._first_byte_at is None:
+            return 0.0
+        self._forget_before(now)
+        span = max(min(self._window(), now - self._first_byte_at), _RATE_BUCKET_S)
+        return sum(size for _, size in self._buckets) / span
+
     def snapshot(self) -> CheckpointSnapshot:
         now = self._clock()
         with self._lock:
-            # No bytes for two windows means no rate, not the last one measured.
-            rate = 0.0 if now - self._window_start > 2 * _RATE_WINDOW_S else self._rate
+            rate = self._rate(now)
             return CheckpointSnapshot(
                 total=self._total,
                 last_time_unix=self._last_time_unix,

@@ -69,6 +69,14 @@ class AgentSettings:
             )
         if self.heartbeat_timeout <= 0 or self.report_period <= 0 or self.tick <= 0:
             raise SettingsError("heartbeat timeout, report period and tick must be positive")
+        # Imported here: `xenha agent pipe` (xl's transport) imports this module and should
+        # not pay for the relay's imports at every start of xl remus.
+        from xenha_agent.replicator_config import ConfigError, check_run_dir
+
+        try:
+            check_run_dir(self.run_dir)
+        except ConfigError as e:
+            raise SettingsError(f"XENHA_RUN_DIR: {e}") from None
 
     @property
     def relay_endpoint(self) -> str:

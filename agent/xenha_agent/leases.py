@@ -496,9 +496,11 @@ async def transfer_fencing_lease(
 ) -> Cas:
     """Planned switchover: the holder hands its Lease to `to` (annotation removed).
 
-    Only the holder gives its Lease away, and only after pausing its guest and seeing the
-    standby hold a checkpoint taken after the pause; the standby then activates because the
-    Lease names it, without judging anyone's liveness.
+    Only the holder gives its Lease away, only after pausing its guest and seeing the standby
+    acknowledge every checkpoint sent, and only while the annotation names `to`: the same
+    condition as a takeover, so a copy the active has revoked (stream lost, copy dropped) is
+    never handed the guest. The standby then activates because the Lease names it, without
+    judging anyone's liveness.
     """
 
     def mutate(lease: Obj) -> Obj | str | None:
@@ -507,6 +509,8 @@ async def transfer_fencing_lease(
             return None
         if holder != me:
             return f"held by {holder}"
+        if lease_standby(lease) != to:
+            return f"{to} is not the designated standby"
         return _transition(lease, to, micro_time(wallclock()))
 
     return await _cas(kube, namespace, name, mutate, me=me)

@@ -47,7 +47,11 @@ def _parser() -> argparse.ArgumentParser:
 def settings_from(argv: Sequence[str], env: dict[str, str] | None = None) -> AgentSettings:
     args = _parser().parse_args(list(argv))
     env = dict(os.environ if env is None else env)
-    base = AgentSettings.from_env({**env, "NODE_NAME": args.node or env.get("NODE_NAME", "")})
+    # Flags that AgentSettings checks go in before the first check, not after it.
+    env["NODE_NAME"] = args.node or env.get("NODE_NAME", "")
+    if args.run_dir is not None:
+        env["XENHA_RUN_DIR"] = str(args.run_dir)
+    base = AgentSettings.from_env(env)
     overrides: dict[str, Any] = {
         "namespace": args.namespace,
         "kubeconfig": args.kubeconfig,

@@ -33,9 +33,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 from xenha_agent.relay import LinkSettings, parse_address
+from xenha_agent.relay_listener import accept_socket_path
 from xenha_agent.tls import TlsMaterial, server_name
 
 Role = Literal["primary", "secondary"]
+
+# `struct sockaddr_un.sun_path` on Linux: a Unix socket's path and its terminating NUL.
+SUN_PATH_MAX = 108
+# Kubernetes UIDs (metadata.uid) are RFC 4122 UUIDs in their 36-character text form.
+_SOME_UID = "00000000-0000-0000-0000-000000000000"
 
 
 class ConfigError(ValueError):
@@ -48,6 +54,30 @@ def control_socket_path(run_dir: Path, uid: str) -> Path:
 
 def xl_socket_path(run_dir: Path, uid: str) -> Path:
     return run_dir / f"{uid}.xl.sock"
+
+
+def socket_paths(run_dir: Path, uid: str) -> tuple[Path, ...]:
+    """The Unix sockets a replicator binds in the run dir."""
+    return (
+        control_socket_path(run_dir, uid),
+        xl_socket_path(run_dir, uid),
+        accept_socket_path(run_dir, uid),
+    )
+
+
+def check_run_dir(run_dir: Path, uid: str = _SOME_UID) -> None:
+    """Raise ConfigError, naming the path and the limit, if a replicator's sockets in `run_dir`
+    would have paths too long to bind. Checked before anything starts: otherwise the first
+    replicator would fail on its own, detached, when it binds (`AF_UNIX path too long`)."""
+    longest = max(socket_paths(run_dir, uid), key=lambda path: len(os.fsencode(path)))
+    size = len(os.fsencode(longest))
+    if size >= SUN_PATH_MAX:
+        room = SUN_PATH_MAX - 1 - (size - len(os.fsencode(run_dir)))
+        raise ConfigError(
+            f"run dir {run_dir} is too long for the Unix sockets it holds: {longest} is "
+            f"{size} bytes, and a Unix socket path must fit in {SUN_PATH_MAX} bytes with its "
+            f"terminating NUL; use a run dir of at most {room} bytes"
+        )
 
 
 def config_path(run_dir: Path, uid: str) -> Path:
@@ -85,6 +115,7 @@ class ReplicatorConfig:
             server_name(self.uid)
         except ValueError as e:
             raise ConfigError(str(e)) from None
+        check_run_dir(self.run_dir, self.uid)
         if self.role not in ("primary", "secondary"):
             raise ConfigError(f"role must be primary or secondary, not {self.role!r}")
         for key in ("domain", "node", "peer_node"):

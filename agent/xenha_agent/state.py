@@ -34,10 +34,8 @@ class CopyRecord:
     fenced: bool = False
     # FailoverRecord in API spelling, kept until XenReplication.status.lastFailover shows it.
     failover: dict[str, Any] | None = None
-    # Planned switchover in progress from this node: monotonic time of the pause, and the
-    # checkpoint count the peer had reported then (the hand-over waits for two more).
+    # Planned switchover in progress from this node: monotonic time of its pause.
     handover_paused_at: float | None = None
-    handover_checkpoints: int | None = None
 
     @property
     def fence_lease(self) -> str:

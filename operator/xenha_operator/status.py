@@ -156,10 +156,6 @@ def reconcile(obs: Observation, timing: Timing) -> Outcome:
 
     active = obs.lease_holder or prev.active_node or spec.primary_node
     candidates = decide.candidates(spec.primary_node, spec.secondary_node, active)
-    activating = any(
-        e is not None and e.state is ReplicationState.ACTIVATING
-        for e in (obs.entry(n) for n in obs.nodes)
-    )
     subject = validate.Subject(
         key=obs.key,
         uid=obs.uid,
@@ -168,14 +164,10 @@ def reconcile(obs: Observation, timing: Timing) -> Outcome:
         active=active,
         standby=prev.standby_node,
         candidates=candidates,
+        lease_holder=obs.lease_holder,
     )
     found = validate.validate(
-        subject,
-        obs.nodes,
-        obs.others,
-        now=obs.now,
-        stale_after=timing.stale_after,
-        activating=activating,
+        subject, obs.nodes, obs.others, now=obs.now, stale_after=timing.stale_after
     )
     started = _started(obs, active)
     blocking = found.blocking

@@ -17,9 +17,18 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import StrEnum
 
-from xenha.api import DomainInfo, Mode, NodeReplication, XenNodeStatus, XenReplicationSpec
+from xenha.api import (
+    DomainInfo,
+    Mode,
+    NodeReplication,
+    ReplicationState,
+    XenNodeStatus,
+    XenReplicationSpec,
+)
 
 INCOMING_SUFFIX = "--incoming"
+#: A node's copy in these states is taking over as the guest (the agents' failover record).
+_TAKING_OVER = frozenset({ReplicationState.ACTIVATING, ReplicationState.ACTIVE})
 
 
 class Reason(StrEnum):
@@ -117,6 +126,13 @@ class Subject:
     active: str
     standby: str | None
     candidates: Sequence[str] = ()
+    #: The fencing Lease's holderIdentity; None when the Lease is not known (yet).
+    lease_holder: str | None = None
+
+    def entry(self, view: NodeView | None) -> NodeReplication | None:
+        """The node's report of this replication."""
+        namespace, _, name = self.key.partition("/")
+        return view.replication(self.uid, namespace, name) if view is not None else None
 
 
 @dataclass(frozen=True)
@@ -202,25 +218,54 @@ def _guest_memory(subject: Subject, nodes: Mapping[str, NodeView]) -> int | None
 
 
 def check_active(
-    subject: Subject, view: NodeView | None, now: datetime, stale: timedelta, activating: bool
+    subject: Subject,
+    view: NodeView | None,
+    now: datetime,
+    stale: timedelta,
+    moving_elsewhere: bool = False,
 ) -> list[Problem]:
-    """The active node: answers, runs the domain, can do COLO if asked."""
+    """The active node: answers, runs the domain, can do COLO if asked.
+
+    `moving_elsewhere`: another node reports taking over the guest.
+    """
     node = subject.active
     problem = _availability(view, node, now, stale)
     if problem is not None or view is None or view.status is None:
         return [problem] if problem else []
     found = []
     domain = subject.spec.domain
-    present = view.domain(domain) is not None or (
-        activating and view.domain(domain + INCOMING_SUFFIX) is not None
-    )
-    if not present:
+    # Mid-failover the reports and the Lease are never seen at one instant, and the guest is
+    # found under another name, or on another node, for a moment: that is no missing domain.
+    if view.domain(domain) is None and not moving_elsewhere and not _taking_over(subject, view):
         found.append(
             Problem(Reason.DOMAIN_NOT_FOUND, f"domain {domain} is not running on {node}", node)
         )
     if _colo_refused(subject.spec, view):
         found.append(_colo_problem(node))
     return found
+
+
+def _taking_over(subject: Subject, view: NodeView) -> bool:
+    """The active node holds the standby's copy, under its incoming name, because it takes
+    over: the fencing Lease names it (it won the takeover or was handed the Lease, and its
+    report has not caught up), or its agent reports activating it. The rename to the guest's
+    name comes last."""
+    if view.domain(subject.spec.domain + INCOMING_SUFFIX) is None:
+        return False
+    if subject.lease_holder == subject.active:
+        return True
+    entry = subject.entry(view)
+    return entry is not None and entry.state in _TAKING_OVER
+
+
+def _moving_elsewhere(subject: Subject, nodes: Mapping[str, NodeView]) -> bool:
+    """Another node reports taking over the guest: the old active's copy may be gone (a
+    hand-over destroys it) before the Lease watch shows the new holder."""
+    for name, view in nodes.items():
+        entry = subject.entry(view) if name != subject.active else None
+        if entry is not None and entry.state in _TAKING_OVER:
+            return True
+    return False
 
 
 def _colo_refused(spec: XenReplicationSpec, view: NodeView) -> bool:
@@ -283,11 +328,16 @@ def validate(
     *,
     now: datetime,
     stale_after: timedelta,
-    activating: bool = False,
 ) -> Validation:
     """Every problem with this replication right now, and who could stand by."""
     problems = conflicts(subject, others)
-    problems += check_active(subject, nodes.get(subject.active), now, stale_after, activating)
+    problems += check_active(
+        subject,
+        nodes.get(subject.active),
+        now,
+        stale_after,
+        moving_elsewhere=_moving_elsewhere(subject, nodes),
+    )
     possible = [n for n in (subject.standby, *subject.candidates) if n and n != subject.active]
     standby_problems = {
         node: check_standby(subject, node, nodes, now, stale_after)

@@ -31,6 +31,8 @@ class FakeReplicator:
         self.ever_connected = False
         self.peer_lost_at: float | None = None
         self.checkpoints = 0
+        # Checkpoints the peer said it holds (heartbeats); None: all of ours.
+        self.acknowledged: int | None = None
         self.fenced = False
         self.lease: tuple[float, float] | None = None
         self.calls: list[str] = []
@@ -65,7 +67,9 @@ class FakeReplicator:
             "everConnected": self.ever_connected,
             "peerLostMonotonic": self.peer_lost_at,
             "lastHeartbeatAgeMs": 50 if self.peer_connected else None,
-            "peerCheckpoints": self.checkpoints,
+            "peerCheckpoints": (
+                self.checkpoints if self.acknowledged is None else self.acknowledged
+            ),
             "checkpoints": {
                 "total": self.checkpoints,
                 "lastTimeUnix": time.time() if self.checkpoints else None,

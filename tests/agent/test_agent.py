@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Iterator
-from typing import Any
+from pathlib import Path
+from typing import Any, cast
 
 import aiohttp
 import pytest
 from xenha_agent.agent import Agent
-from xenha_agent.kube import leases_path, xennodes_path
+from xenha_agent.config import AgentSettings
+from xenha_agent.kube import KubeClient, leases_path, xennodes_path
 from xenha_agent.leases import HostLeaseRenewer
+from xenha_agent.xen.xl import Domain, Xl
 
 from .fake_replicator import FakeLauncher
 from .scene import (
@@ -45,7 +48,7 @@ def hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
             host.stop()
 
 
-async def _designated_is(scene: Any, node: str) -> bool:
+async def _designated_is(scene: Any, node: str | None) -> bool:
     return bool(await scene.designated() == node)
 
 
@@ -330,14 +333,17 @@ def test_planned_switchover_hands_the_lease_over(scene, hosts, run):
                 await until(fake(launcher_a))
                 primary, replica = launcher_a.by_role("primary"), launcher_b.by_role("secondary")
                 primary.connect(checkpoints=5)
-                replica.connect(checkpoints=5)
+                replica.connect(checkpoints=4)
+                primary.acknowledged = 4  # the fifth checkpoint is still on its way
                 await scene.switchover_to(scene.b)
-                # The active pauses first and waits for the standby to see two more checkpoints.
+                # The active pauses first: no checkpoint follows (a paused guest cannot be
+                # suspended for one), so it waits only for the one in flight.
                 await until(lambda: "fence" in primary.calls)
                 assert paused(host_a, scene.domain)
                 await asyncio.sleep(0.5)
                 assert await scene.holder() == scene.a
-                primary.checkpoints = replica.checkpoints = 7
+                assert not await has_event(scene, "SelfFenced"), "a hand-over is no fence"
+                primary.acknowledged = replica.checkpoints = 5
                 await until(lambda: scene.holder_is(scene.b))
                 # The old active destroys its paused copy; the stream ends; the standby runs.
                 await until(lambda: host_a.domain(scene.domain) is None)
@@ -349,10 +355,73 @@ def test_planned_switchover_hands_the_lease_over(scene, hosts, run):
                 await until(lambda: has_event(scene, "SwitchoverActivated"))
                 await until(lambda: has_event(scene, "CopyDestroyed"))
                 assert "drop" not in replica.calls
+                assert "unfence" not in primary.calls
         finally:
             host_a.xl("destroy", scene.domain)
 
     run(scenario())
+
+
+def test_a_switchover_whose_stream_is_lost_resumes_the_guest_where_it_ran(scene, hosts, run):
+    """Without the stream the standby's copy is not current: it must not get the Lease."""
+    launcher = FakeLauncher()
+    host_a = hosts["sim-a"]
+
+    async def scenario() -> None:
+        await scene.create()
+        await scene.peer_xennode(scene.b)
+        host_a.create_guest(scene.domain, memory_mib=16)
+        agent = Agent(scene.settings(scene.a, host_a), launcher=launcher)
+        try:
+            async with running(agent):
+                await until(fake(launcher))
+                primary = launcher.by_role("primary")
+                primary.connect(checkpoints=5)
+                primary.acknowledged = 4
+                await scene.switchover_to(scene.b)
+                await until(lambda: "fence" in primary.calls)
+                primary.lose_peer()
+                # The standby's copy is revoked, the held output released, the guest resumed.
+                await until(lambda: _designated_is(scene, None), seconds=5)
+                await until(lambda: "unfence" in primary.calls, seconds=5)
+                assert not paused(host_a, scene.domain)
+                assert "degrade" in primary.calls
+                assert await scene.holder() == scene.a
+                assert not await has_event(scene, "SelfFenced")
+        finally:
+            host_a.xl("destroy", scene.domain)
+
+    run(scenario())
+
+
+class OverlappingXl:
+    """`xl list` answers that take their time: each call gets the next (delay, flags)."""
+
+    def __init__(self, *answers: tuple[float, str]) -> None:
+        self.answers = list(answers)
+
+    async def list_domains(self) -> list[Domain]:
+        delay, flags = self.answers.pop(0)
+        await asyncio.sleep(delay)
+        return [Domain("db1", 3, 128, 1, flags, 1.0)]
+
+
+def test_a_domain_listing_begun_before_a_pause_never_undoes_it(run):
+    """The reporter lists the domains while an action pauses the guest and lists them again:
+    the slower, older listing must not leave the agent believing the guest still runs."""
+    xl = OverlappingXl((0.3, "-b----"), (0.0, "--p---"))
+    settings = AgentSettings(node_name="xen-a", run_dir=Path("/nonexistent"), health_port=-1)
+    agent = Agent(settings, kube=cast(KubeClient, object()), xl=cast(Xl, xl))
+
+    async def after_the_pause() -> None:
+        await asyncio.sleep(0.1)
+        await agent._refresh_domains()
+
+    async def scenario() -> None:
+        await asyncio.gather(agent._refresh_domains(), after_the_pause())
+
+    run(scenario())
+    assert agent.domains["db1"].paused
 
 
 def test_a_copy_that_came_up_without_the_lease_is_destroyed(scene, hosts, run):

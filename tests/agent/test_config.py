@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from xenha_agent import logs
 from xenha_agent.config import AgentSettings, SettingsError
-from xenha_agent.main import settings_from
+from xenha_agent.main import agent_main, settings_from
+from xenha_agent.replicator_config import ConfigError, ReplicatorConfig
 
 DAEMONSET = {
     "NODE_NAME": "xen-a",
@@ -65,6 +66,49 @@ def test_defaults_with_only_a_node_name() -> None:
 def test_bad_environment_is_named(env: dict[str, str], complaint: str) -> None:
     with pytest.raises(SettingsError, match=complaint):
         AgentSettings.from_env(env)
+
+
+# 59 bytes: with `/<36-character uid>.accept.sock` (49 bytes), one more than a Unix socket
+# path may have (108 bytes with the NUL).
+TOO_DEEP = "/tmp/" + "d" * 54
+DEEP_ENOUGH = "/tmp/" + "d" * 53
+
+
+def test_a_run_dir_too_deep_for_its_sockets_is_refused_at_start_naming_path_and_limit(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert agent_main(["--node", "xen-a", "--run-dir", TOO_DEEP, "--health-port", "-1"]) == 2
+    said = capsys.readouterr().out
+    assert f"{TOO_DEEP}/00000000-0000-0000-0000-000000000000.accept.sock is 108 bytes" in said
+    assert "must fit in 108 bytes" in said
+    assert "at most 58 bytes" in said
+
+
+def test_a_run_dir_whose_sockets_just_fit_is_accepted() -> None:
+    assert AgentSettings(node_name="xen-a", run_dir=Path(DEEP_ENOUGH)).run_dir == Path(DEEP_ENOUGH)
+
+
+def test_a_short_run_dir_flag_overrides_a_deep_one_in_the_environment() -> None:
+    s = settings_from(
+        ["--run-dir", "/run/xenha"], env={"NODE_NAME": "a", "XENHA_RUN_DIR": TOO_DEEP}
+    )
+    assert s.run_dir == Path("/run/xenha")
+
+
+def test_a_replicator_refuses_a_config_whose_sockets_cannot_be_bound(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="108 bytes"):
+        ReplicatorConfig(
+            uid="6f1c0000-0000-0000-0000-000000000001",
+            role="secondary",
+            domain="db1",
+            node="xen-b",
+            peer_node="xen-a",
+            command=["xl", "migrate-receive"],
+            ca_file=tmp_path / "ca.crt",
+            cert_file=tmp_path / "tls.crt",
+            key_file=tmp_path / "tls.key",
+            run_dir=Path(TOO_DEEP),
+        )
 
 
 def test_flags_override_the_environment() -> None:

@@ -406,6 +406,29 @@ def test_switchover_hands_the_lease_to_the_standby(namespace, agent_client, admi
     run(scenario())
 
 
+@pytest.mark.parametrize(
+    "standby",
+    [pytest.param(None, id="revoked: nobody"), pytest.param(C, id="another node")],
+)
+def test_switchover_never_hands_the_lease_to_a_copy_that_is_not_the_valid_standby(
+    namespace, agent_client, admin, run, standby
+):
+    async def scenario() -> None:
+        root, kube = admin(), agent_client()
+        await root.create(leases_path(namespace), fence_lease(namespace, "db1-fence", A, standby))
+        try:
+            refused = await transfer_fencing_lease(kube, namespace, "db1-fence", A, B)
+            assert (refused.outcome, refused.holder) == (Outcome.REFUSED, A)
+            lease = await _lease(root, namespace, "db1-fence")
+            assert lease["spec"]["holderIdentity"] == A
+            assert lease_standby(lease) == standby
+        finally:
+            await kube.close()
+            await root.close()
+
+    run(scenario())
+
+
 def test_the_agent_may_not_read_secrets_nor_create_leases_elsewhere(namespace, agent_client, run):
     from xenha_agent.kube import ApiError, NotFound, secret_path
 

@@ -544,8 +544,63 @@ def test_checkpoint_statistics_follow_the_stream_as_it_goes_by():
     assert snap.total == 3
     assert snap.stream_bytes == len(first) + len(second) + len(third)
     assert snap.bytes_per_second > 0
-    clock.now += 10
-    assert stats.snapshot().bytes_per_second == 0  # an idle stream has no rate
+
+
+def checkpoints_every(interval: float, *, seconds: float, clock: FakeClock) -> CheckpointStats:
+    """A stream that has carried a checkpoint every `interval` seconds for `seconds`, the
+    clock at the last one."""
+    stats = CheckpointStats(clock=clock)
+    count = int(seconds / interval) + 1
+    for piece in remus_stream(count):
+        stats.observe(memoryview(piece))
+        clock.now += interval
+    clock.now -= interval
+    return stats
+
+
+STEADY = pytest.mark.parametrize(
+    "interval",
+    [
+        pytest.param(0.2, id="Remus: every 200 ms"),
+        pytest.param(3.0, id="COLO: seconds apart"),
+        pytest.param(25.0, id="COLO: further apart than the averaging window"),
+    ],
+)
+
+
+@STEADY
+def test_the_byte_rate_is_the_streams_while_it_flows_wherever_between_bursts_it_is_read(
+    interval: float,
+) -> None:
+    clock = FakeClock()
+    stats = checkpoints_every(interval, seconds=max(60.0, 8 * interval), clock=clock)
+    one = len(list(remus_stream(2))[1])  # the size of any later checkpoint
+    true_rate = one / interval
+    after_burst = clock.now
+    for phase in (0.0, 0.25, 0.5, 0.75, 0.99):
+        clock.now = after_burst + phase * interval
+        rate = stats.snapshot().bytes_per_second
+        assert true_rate / 2 < rate < true_rate * 2, (phase, rate, true_rate)
+
+
+def test_a_stream_has_a_byte_rate_from_its_first_burst() -> None:
+    clock = FakeClock()
+    stats = CheckpointStats(clock=clock)
+    first = next(remus_stream(1))
+    stats.observe(memoryview(first))
+    clock.now += 0.1
+    assert stats.snapshot().bytes_per_second > 0
+    assert stats.snapshot().to_json()["bytesPerSecond"] != 0
+
+
+@STEADY
+def test_a_stream_idle_for_two_checkpoint_intervals_and_the_window_has_no_byte_rate(
+    interval: float,
+) -> None:
+    clock = FakeClock()
+    stats = checkpoints_every(interval, seconds=max(60.0, 8 * interval), clock=clock)
+    clock.now += max(10.0, 2 * interval) + 1
+    assert stats.snapshot().bytes_per_second == 0
 
 
 def test_a_stream_the_parser_cannot_follow_stops_the_counting_not_the_relay():

@@ -7,8 +7,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from xenha_agent.checkpoint_stats import CheckpointStats
 from xenha_agent.kube import KubeClient, xennodes_path
-from xenha_agent.report import NodeReporter, build_status, significant
+from xenha_agent.replicators import Role, parse_status
+from xenha_agent.report import NodeReporter, build_status, replication_entry, significant
+from xenha_agent.state import CopyRecord
 from xenha_agent.xen.xl import parse_info, parse_list
 
 from xenha.api.models import NodeReplication, XenNodeStatus
@@ -127,6 +130,33 @@ def test_what_is_news_in_a_replication_entry(change: dict[str, object], news: bo
     before = status()
     after = status(replications=[replication(**change)])
     assert (significant(before) != significant(after)) is news
+
+
+def test_the_replicators_checkpoint_statistics_reach_the_xennode_entry() -> None:
+    clock = iter([100.0, 100.0, 100.4]).__next__  # first byte, second byte, snapshot
+    stats = CheckpointStats(clock=clock, wall=lambda: 1_795_600_000.0)
+    stats.observe(memoryview(b"x" * 300_000))
+    stats.observe(memoryview(b"x" * 100_000))
+    replicator_says = {
+        "role": "primary",
+        "state": "Replicating",
+        "peerConnected": True,
+        "checkpoints": stats.snapshot().to_json(),
+    }
+    record = CopyRecord(
+        uid="6f1c", namespace="prod", name="db1", domain="db1", role=Role.PRIMARY, lease_duration=2
+    )
+    entry = replication_entry(
+        uid="6f1c",
+        view=None,
+        record=record,
+        status=parse_status(replicator_says),
+        domains={d.name: d for d in parse_list(XL_LIST)},
+        now=datetime(2026, 11, 26, 6, 0, tzinfo=UTC),
+    )
+    assert entry is not None
+    # 400 kB in the stream's first 0.4 s, averaged over at least half a second.
+    assert entry.to_api()["checkpoints"]["bytesPerSecond"] == 800_000
 
 
 def test_free_memory_drift_is_not_news_but_a_domain_going_away_is() -> None:

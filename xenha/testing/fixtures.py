@@ -10,6 +10,9 @@ Load it with ``pytest_plugins = ["xenha.testing.fixtures"]``. Fixtures:
 - ``register_nodes``: factory ``(names_or_mapping, labels=None, ready=True) -> list[str]`` of
   Node objects (deleted after the test); ``register_nodes.set_ready(name, bool)``.
 
+``control_plane_binaries(config)`` gives the session's binaries to plugins that start control
+planes of their own (``xenha.testing.stack_fixtures``).
+
 Missing binaries: locally they are built on demand (once, before the first test, outside any
 test timeout); with CI=true the tests that need them fail, never skip.
 """
@@ -63,7 +66,9 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     session.config.stash[_BINARIES_KEY] = result
 
 
-def _binaries(config: pytest.Config) -> dict[str, Path]:
+def control_plane_binaries(config: pytest.Config) -> dict[str, Path]:
+    """The control plane's binaries for this session (what ``control_plane`` runs), for other
+    plugins that start control planes of their own; fails the calling test without them."""
     result = config.stash.get(_BINARIES_KEY, None)
     if result is None:
         try:
@@ -78,7 +83,7 @@ def _binaries(config: pytest.Config) -> dict[str, Path]:
 
 @pytest.fixture(scope="session")
 def control_plane(pytestconfig: pytest.Config) -> Iterator[ControlPlane]:
-    plane = ControlPlane(binaries=_binaries(pytestconfig))
+    plane = ControlPlane(binaries=control_plane_binaries(pytestconfig))
     plane.start()
     try:
         yield plane

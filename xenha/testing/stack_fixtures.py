@@ -72,7 +72,7 @@ def _factory(
 ) -> Iterator[StackFactory]:
     # Imported here, not at the top: this plugin may be loaded before that one, and pytest
     # rewrites the asserts of a plugin module only if it imports it first.
-    from xenha.testing.fixtures import _binaries
+    from xenha.testing.fixtures import control_plane_binaries as _binaries
 
     made: list[Stack] = []
 
