@@ -82,13 +82,17 @@ class Lab:
         wait_for(sock.exists, 10, "the receiver's socket")
         return proc, sock
 
-    def remus(self, host: SimHost, domain: str, *options: str, to: Path) -> Proc:
-        transport = f"{PY} -m xenha.sim.pipe connect {to}"
-        argv = [str(host.xl_path), "remus", *options, "-s", "", domain, transport]
+    def remus(
+        self, host: SimHost, domain: str, *options: str, to: Path, transport: str | None = None
+    ) -> Proc:
+        """`xl remus` on `host`; its transport dials the Unix socket `to` (`transport`: a
+        command ending with the option that takes the socket, default `pipe connect`)."""
+        command = f"{transport or f'{PY} -m xenha.sim.pipe connect'} {to}"
+        argv = [str(host.xl_path), "remus", *options, "-s", "", domain, command]
         return Proc(argv, host.env, self._log("remus"))
 
-    def tap(self, receiver: Path) -> StreamTap:
-        return StreamTap(self.root / "tap.sock", receiver=receiver).start()
+    def tap(self, receiver: Path, **options: Any) -> StreamTap:
+        return StreamTap(self.root / "tap.sock", receiver=receiver, **options).start()
 
     def close(self) -> None:
         for host in self.hosts:

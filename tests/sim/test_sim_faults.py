@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import struct
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -48,12 +50,43 @@ def echo_server() -> Iterator[tuple[str, int]]:
         server.close()
 
 
+@pytest.fixture
+def server() -> Iterator[socket.socket]:
+    """A listener whose accepted sockets the test holds (a survivor's relay)."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        listener.settimeout(10)
+        yield listener
+
+
 def recv_within(sock: socket.socket, seconds: float) -> bytes | None:
     sock.settimeout(seconds)
     try:
         return sock.recv(4096)
     except TimeoutError:
         return None
+
+
+def heard_until_quiet(sock: socket.socket, quiet: float = 1.0, limit: float = 10.0) -> bytes:
+    """What arrives until nothing has for `quiet` seconds. An EOF or a reset fails: that is
+    the far side's kernel speaking, which a dead host's cannot."""
+    got = b""
+    sock.settimeout(quiet)
+    deadline = time.monotonic() + limit
+    while True:
+        try:
+            chunk = sock.recv(4096)
+        except TimeoutError:
+            return got
+        except ConnectionResetError:
+            pytest.fail("the survivor's connection was reset")
+        assert chunk, "the survivor's connection saw an EOF"
+        got += chunk
+        assert time.monotonic() < deadline, "the far side still talks"
+
+
+def is_established(sock: socket.socket) -> bool:
+    tcpi_state = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)[0]
+    return tcpi_state == 1  # TCP_ESTABLISHED
 
 
 class TestNetPath:
@@ -91,6 +124,65 @@ class TestNetPath:
             c.settimeout(2)
             with pytest.raises(ConnectionResetError):
                 c.recv(1)
+
+    def test_a_silenced_connection_never_tells_the_survivor_what_became_of_the_dead_side(
+        self, server: socket.socket
+    ) -> None:
+        with NetPath(server.getsockname()) as path:
+            dead = socket.create_connection(path.address)
+            survivor, _ = server.accept()
+            dead.sendall(b"last words")
+            assert recv_within(survivor, 2) == b"last words"
+
+            assert path.silence({(dead.getsockname(), dead.getpeername())}) == 1
+            dead.close()  # the dead host's kernel: a FIN (an RST with unread data)
+            assert heard_until_quiet(survivor, quiet=0.5) == b""
+            survivor.sendall(b"anyone?")  # retransmitted into the void, no error
+            assert heard_until_quiet(survivor, quiet=0.5) == b""
+            path.cut()
+            path.restore()  # healing the network does not bring the dead back
+            assert heard_until_quiet(survivor, quiet=0.3) == b""
+            assert is_established(survivor)
+
+            # The dead host rebooted: its kernel answers the survivor's packets with an RST.
+            path.reset()
+            survivor.settimeout(2)
+            with pytest.raises(ConnectionResetError):
+                survivor.recv(1)
+            survivor.close()
+
+    def test_silencing_leaves_the_other_connections_alone(
+        self, echo_server: tuple[str, int]
+    ) -> None:
+        with (
+            NetPath(echo_server) as path,
+            socket.create_connection(path.address) as dead,
+            socket.create_connection(path.address) as alive,
+        ):
+            assert path.silence({(dead.getsockname(), dead.getpeername())}) == 1
+            alive.sendall(b"ping")
+            assert recv_within(alive, 2) == b"ping"
+            assert path.silence({(("127.0.0.1", 1), ("127.0.0.1", 2))}) == 0
+
+    def test_a_reset_meeting_traffic_does_not_stop_the_path(self, server: socket.socket) -> None:
+        with NetPath(server.getsockname()) as path:
+            # The target's RST and the client's bytes reach the path together; whichever it
+            # handles first, the pair goes and the path keeps serving (tried a few times: the
+            # order is the kernel's).
+            for _ in range(20):
+                with socket.create_connection(path.address) as client:
+                    target, _ = server.accept()
+                    path.cut()
+                    target.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    target.close()
+                    client.sendall(b"x")
+                    time.sleep(0.01)
+                    path.restore()
+            with socket.create_connection(path.address) as client:
+                target, _ = server.accept()
+                client.sendall(b"still there")
+                assert recv_within(target, 2) == b"still there"
+                target.close()
 
     def test_half_close_travels_through(self, echo_server: tuple[str, int]) -> None:
         with NetPath(echo_server) as path, socket.create_connection(path.address) as c:
@@ -135,6 +227,62 @@ def test_a_power_cut_silences_the_hosts_network_paths(
         c.sendall(b"anyone?")
         assert recv_within(c, 0.3) is None
         assert path.is_cut
+
+
+# A process of the host with a connection each way through the network: it dials argv[1]
+# (the survivor's relay), then accepts one connection, and sends heartbeats on both.
+HEARTBEATS = """
+import socket, sys, time
+dialed = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+listener = socket.create_server(("127.0.0.1", 0))
+print(listener.getsockname()[1], flush=True)
+accepted, _ = listener.accept()
+while True:
+    for conn in (dialed, accepted):
+        conn.sendall(b"beat")
+    time.sleep(0.05)
+"""
+
+
+def test_a_power_cut_is_only_heartbeat_silence_to_the_survivor(
+    lab: Lab, server: socket.socket
+) -> None:
+    """Neither the connection the host dialed nor the one it accepted ends: no FIN, no
+    RST. The survivor's sockets stay open and the beats just stop."""
+    a = lab.host("xen-a")
+    # The survivor's side of the network, as in the lab: nothing registers these with `a`.
+    with (
+        NetPath(server.getsockname(), name="to-survivor") as to_survivor,
+        contextlib.ExitStack() as stack,
+    ):
+        agent = subprocess.Popen(
+            [sys.executable, "-c", HEARTBEATS, str(to_survivor.address[1])],
+            env=a.env,
+            stdout=subprocess.PIPE,
+        )
+        try:
+            dialed_by_a, _ = server.accept()
+            stack.enter_context(dialed_by_a)
+            assert agent.stdout is not None
+            port = int(agent.stdout.readline())
+            with (
+                NetPath(("127.0.0.1", port), name="to-a") as to_a,
+                socket.create_connection(to_a.address) as dialed_by_survivor,
+            ):
+                survivor_ends = [dialed_by_a, dialed_by_survivor]
+                for sock in survivor_ends:
+                    assert recv_within(sock, 5), "no heartbeat before the power cut"
+                a.kill()
+                assert agent.wait(timeout=5) == -9
+                for sock in survivor_ends:
+                    heard_until_quiet(sock)  # beats already on the wire still arrive
+                    sock.sendall(b"are you there?")
+                    assert heard_until_quiet(sock, quiet=0.5) == b""
+                    assert is_established(sock)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                agent.kill()
+            agent.wait()
 
 
 def test_a_hung_host_answers_nothing_until_it_resumes(lab: Lab) -> None:

@@ -3,7 +3,10 @@ happens when either side dies."""
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
+import time
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,9 +18,10 @@ from xenha.sim import guest, ledger
 from xenha.sim.client import ServiceClient
 from xenha.sim.host import SimHost
 from xenha.sim.tap import StreamTap
+from xenha.stream import format as fmt
 from xenha.stream.parser import CheckpointComplete, Record, XlHeaderParsed
 
-from .simlab import Lab, Proc, lab, wait_for
+from .simlab import PY, Lab, Proc, lab, wait_for
 
 __all__ = ["lab"]
 
@@ -62,6 +66,69 @@ def test_remus_replicates_memory_byte_exactly_at_every_checkpoint(lab: Lab) -> N
     assert incoming is not None
     assert incoming["flags"] == "--p---"
     assert not incoming["active"]
+
+
+# The transports `xl remus` runs in this project: the simulator's, and the agent's (to its
+# replicator's socket). xl reads the receiver's banner from the transport's stdout before it
+# sends anything, so a transport that sits on what it has already read hangs seeding.
+TRANSPORTS = {
+    "sim-pipe": f"{PY} -m xenha.sim.pipe connect",
+    "agent-pipe": f"{PY} -m xenha_agent.pipe --socket",
+}
+
+
+@pytest.mark.parametrize("transport", list(TRANSPORTS.values()), ids=list(TRANSPORTS))
+def test_the_handshake_and_acks_get_through_a_back_channel_that_comes_a_byte_at_a_time(
+    lab: Lab, transport: str
+) -> None:
+    a = lab.host("xen-a")
+    b = lab.host("xen-b")
+    a.create_guest("db1", memory_mib=16, dirty_rate=1000)
+    receiver, sock = lab.receive(b, "-r")
+    tap = lab.tap(sock, dribble_back=(1, 0.005))
+    sender = lab.remus(a, "db1", "-i", "50", to=Path(tap.path), transport=transport)
+    try:
+        wait_for(lambda: len(lab.events("checkpoint_applied")) >= 3, 60, "3 checkpoints")
+        # Output leaves only on the receiver's acknowledgement: acks got through too.
+        with ServiceClient(a.service_address("db1"), timeout=10) as client:
+            assert client.next() is not None
+    except AssertionError as e:
+        raise AssertionError(
+            f"{e}\n--- xl remus\n{sender.stderr}\n--- xl migrate-receive\n{receiver.stderr}"
+        ) from None
+    assert sender.poll() is None
+    assert not tap.seen.errors
+
+
+@pytest.mark.parametrize("transport", list(TRANSPORTS.values()), ids=list(TRANSPORTS))
+def test_xl_gets_the_banner_even_if_it_reads_it_only_once_the_transport_waits_for_more(
+    lab: Lab, transport: str
+) -> None:
+    """A transport that keeps its stdout pipe locked while it waits for more input (a
+    splice from a socket into the pipe does) starves a reader that comes late: xl, busy
+    or descheduled when the banner arrived, would block on the banner forever."""
+    a = lab.host("xen-a")
+    b = lab.host("xen-b")
+    a.create_guest("db1", memory_mib=16, dirty_rate=1000)
+    receiver, sock = lab.receive(b, "-r")
+    tap = lab.tap(sock)
+    sender = lab.remus(a, "db1", "-i", "50", to=Path(tap.path), transport=transport)
+    # The receiver needs a few hundred ms to start and send its banner: plenty to stop xl
+    # once its transport is connected.
+    assert tap.connected.wait(30), sender.stderr
+    os.kill(sender.popen.pid, signal.SIGSTOP)
+    try:
+        banner = len(fmt.MIGRATE_RECEIVER_BANNER)
+        wait_for(lambda: tap.seen.back_bytes >= banner, 30, "the receiver's banner")
+        time.sleep(0.5)  # the transport has passed it on and waits for more
+    finally:
+        os.kill(sender.popen.pid, signal.SIGCONT)
+    try:
+        wait_for(lambda: lab.events("checkpoint_applied"), 60, "the first checkpoint")
+    except AssertionError as e:
+        raise AssertionError(
+            f"{e}\n--- xl remus\n{sender.stderr}\n--- xl migrate-receive\n{receiver.stderr}"
+        ) from None
 
 
 def test_the_stream_has_the_record_sequence_of_real_xen(lab: Lab) -> None:

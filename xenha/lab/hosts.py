@@ -3,7 +3,9 @@
 A host is a simulator daemon (`xenha.sim.host.SimHost`: hypervisor, XenStore, `xl`), its
 agent, and its network as peers see it: a `NetPath` on the host's own loopback address
 (127.0.0.11 for xen-a, ...) forwarding to the agent's relay, which a test can cut and which
-goes silent when the host dies.
+goes silent when the host dies. What the host's replicators dialed runs through the peers'
+paths; `SimHost.kill` silences those connections too (it finds them by their sockets'
+owners), so a survivor learns of a power cut only from heartbeat silence.
 """
 
 from __future__ import annotations

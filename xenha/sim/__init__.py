@@ -28,11 +28,13 @@ that parses and can cut the stream at an exact byte).
 
 Faults::
 
-    a.kill()                  # power cut: every process of the host, at once (SIGKILL)
+    a.kill()                  # power cut: every process of the host, at once (SIGKILL),
+                              # and silence (no FIN, no RST) on every NetPath connection
+                              # to or from them
     a.pause(); a.resume()     # hung host (SIGSTOP / SIGCONT)
     path = NetPath(("127.0.0.1", relay_port), ("127.0.0.21", 0)).start()
     path.cut(); path.restore(); path.reset()   # silent partition, heal, RST
-    a.add_netpath(path)       # cut automatically when `a` is killed
+    a.add_netpath(path)       # cut as a whole (new connections too) when `a` is killed
 
 Invariants over the ledger::
 

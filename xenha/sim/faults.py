@@ -7,9 +7,13 @@ after it was re-parented. Killing first stops everything, so nothing forks or re
 the rest dies: the host vanishes in one instant, as with a power cut.
 
 `NetPath` (in `xenha.sim.netpath`) is the network between hosts: a TCP relay that tests can
-cut silently (no FIN, no RST) and restore.
+cut silently (no FIN, no RST) and restore. A power cut must be silent on it too: a killed
+process's kernel would close its sockets with a FIN or an RST, which no dead host sends, so
+`SimHost.kill` freezes the host, silences every NetPath connection to or from a socket of
+its processes, and only then kills them.
 
-    host.kill()                 # SimHost: cuts its registered NetPaths, then kill_tagged
+    host.kill()                 # SimHost: cuts its NetPaths, freeze_tagged, silences its
+                                # connections on every NetPath, then kill_tagged
     host.pause(); host.resume() # hung host
     path = NetPath(("127.0.0.1", port)).start(); path.cut(); path.restore()
 """
@@ -24,7 +28,7 @@ import time
 from xenha.sim.netpath import NetPath
 from xenha.sim.paths import TAG_ENV
 
-__all__ = ["NetPath", "kill_tagged", "signal_tagged", "tagged_pids"]
+__all__ = ["NetPath", "freeze_tagged", "kill_tagged", "signal_tagged", "tagged_pids"]
 
 
 def tagged_pids(tag: str) -> list[int]:
@@ -60,6 +64,17 @@ def signal_tagged(tag: str, sig: signal.Signals) -> list[int]:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, sig)
     return pids
+
+
+def freeze_tagged(tag: str) -> list[int]:
+    """SIGSTOP every process of the host, until no new one appears (one could fork while
+    the others are being stopped); returns them all."""
+    frozen: set[int] = set()
+    while True:
+        pids = set(signal_tagged(tag, signal.SIGSTOP))
+        if pids <= frozen:
+            return sorted(frozen)
+        frozen |= pids
 
 
 def kill_tagged(tag: str, *, timeout: float = 10.0) -> None:

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from xenha.sim import faults, paths
+from xenha.sim import faults, netpath, paths
 from xenha.sim.domstore import XenStoreDomains
 from xenha.sim.hypercall import HypercallClient, HypercallServer
 from xenha.sim.hypervisor import HostSpec, Hypervisor
@@ -413,11 +413,19 @@ class SimHost:
         self.netpaths.append(path)
 
     def kill(self) -> None:
-        """Power cut: its network goes silent, every process of the host dies at once."""
+        """Power cut: its network goes silent, every process of the host dies at once.
+
+        Silent for the survivors too: a connection to or from this host on any NetPath of
+        this process (the peers' paths carry what this host dialed) stops in both
+        directions before the processes die, so the FIN or RST their kernel sends reaches
+        nobody, and a peer's socket stays open with nothing more on it, as after a real
+        power cut.
+        """
         for path in self.netpaths:
             path.cut()
         # Frozen first: from this instant the host does nothing, which is when it died.
-        faults.signal_tagged(self.tag, signal.SIGSTOP)
+        frozen = faults.freeze_tagged(self.tag)
+        netpath.silence_processes(frozen)
         self._record("host_killed")
         faults.kill_tagged(self.tag)
         if self.process is not None:

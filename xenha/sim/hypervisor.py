@@ -348,12 +348,21 @@ class Domain:
         with self._cond:
             self._update_activity()
 
-    def destroy(self) -> None:
+    def stop(self) -> None:
+        """No output leaves this copy any more, the ledger says it is gone, and only then
+        do hypercalls stop finding it (a caller that saw it gone may at once make another
+        copy active)."""
         with self._cond:
-            self.destroyed = True
+            if self.destroyed:
+                return
+            self.gate.close()
             self.active = False
+            self.hv.copy_event(self, "gone")
+            self.destroyed = True
             self._cond.notify_all()
-        self.gate.close()
+
+    def destroy(self) -> None:
+        self.stop()
         self.service.close()
         if self._proxy is not None:
             self._proxy.close()
@@ -514,10 +523,12 @@ class Hypervisor:
 
     def destroy(self, domid: int) -> None:
         dom = self.domain(domid)
+        # Gone in the ledger before anyone can find it gone: xl remus ends its stream the
+        # moment a hypercall misses the domain, and the backup takes over at once.
+        dom.stop()
         with self._lock:
             self._domains.pop(dom.domid, None)
         dom.destroy()
-        self.copy_event(dom, "gone")
         if dom.colo_secondary:
             self.colo_registry_remove(dom.uuid)
         self.store.release(dom.domid, dom.uuid)

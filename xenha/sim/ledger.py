@@ -18,7 +18,8 @@ Event kinds and their fields (domain events carry `uuid`, `name`, `domid`):
 - `checkpoint_sent` / `checkpoint_applied`: sender / receiver, `number`, `pages`, and `crc`
   of the whole memory when the host runs with digests on.
 - `restore`: a receiver failed over to checkpoint `number`, whose counter is `counter`.
-- `failover`, `remus_failed`, `netpath_cut`, `netpath_restored`: for the story.
+- `failover`, `remus_failed`, `netpath_cut`, `netpath_restored`, `netpath_silenced`
+  (`connections` of a dead host's, with `path`): for the story.
 
 Checkers read the file and raise `LedgerViolation` with the offending events.
 """

@@ -78,6 +78,8 @@ class OutputGate:
         self, conn: socket.socket, data: bytes, value: int, *, matched: bool = False
     ) -> None:
         with self._cond:
+            if self._closed:
+                return
             item = _Pending(
                 conn, data, value, self._epoch, matched or self._mode == "direct", self._mode
             )
@@ -100,14 +102,15 @@ class OutputGate:
                 self._cond.notify_all()
 
     def close(self) -> None:
-        """The domain is gone: drop what is held."""
+        """The domain is gone: drop what is held. Once this returns, no reply is released
+        (or recorded as released) any more."""
         with self._cond:
             self._closed = True
             self._queue.clear()
             self._cond.notify_all()
 
     def _ready(self) -> _Pending | None:
-        if not self._queue:
+        if self._closed or not self._queue:
             return None
         head = self._queue[0]
         if head.matched or head.epoch <= self._committed:
@@ -123,10 +126,12 @@ class OutputGate:
                     item = self._ready()
                 if item is None:
                     return
-                committed = self._committed
-            by_commit = not item.matched and item.epoch <= committed
-            # Recorded before the send: the ledger errs on the side of "released".
-            self._on_release(item.value, item.epoch if by_commit else None, item.mode, item.matched)
+                by_commit = not item.matched and item.epoch <= self._committed
+                # Recorded before the send: the ledger errs on the side of "released". Under
+                # the lock, so that `close` cannot return while a release is being recorded.
+                self._on_release(
+                    item.value, item.epoch if by_commit else None, item.mode, item.matched
+                )
             try:
                 item.conn.sendall(item.data)
             except OSError:

@@ -11,6 +11,10 @@ exact byte (say 2000 bytes into the checkpoint after the third) to cut a checkpo
     tap.wait_held(timeout=30)
     ...                          # kill the sender's host
     tap.close_receiver()         # the receiver sees EOF mid-checkpoint
+
+`dribble_back=(size, delay)` passes the back channel on in pieces of `size` bytes, `delay`
+seconds apart: a slow or fragmenting network, under which xl's handshake (the receiver's
+banner) and acknowledgements must still get through.
 """
 
 from __future__ import annotations
@@ -42,14 +46,23 @@ class Seen:
 
 
 class StreamTap:
-    def __init__(self, path: Path | str, *, receiver: Path | str) -> None:
+    def __init__(
+        self,
+        path: Path | str,
+        *,
+        receiver: Path | str,
+        dribble_back: tuple[int, float] | None = None,
+    ) -> None:
         self.path = str(path)
         self.receiver = str(receiver)
+        self.dribble_back = dribble_back
         self.seen = Seen()
         self._lock = threading.Lock()
         self._limit: int | None = None
         self._hold_after: tuple[int, int] | None = None
         self.held = threading.Event()
+        # Set once the sender's transport and the receiver are both connected.
+        self.connected = threading.Event()
         self._upstream: socket.socket | None = None
         self._downstream: socket.socket | None = None
         with contextlib.suppress(FileNotFoundError):
@@ -97,6 +110,7 @@ class StreamTap:
             except OSError:
                 time.sleep(0.025)
         self._upstream, self._downstream = upstream, downstream
+        self.connected.set()
         threading.Thread(target=self._back, daemon=True).start()
         self._forward()
 
@@ -168,6 +182,16 @@ class StreamTap:
             if self.held.is_set():
                 continue  # the held sender hears nothing more either
             try:
-                self._upstream.sendall(chunk)
+                self._send_back(chunk)
             except OSError:
                 return
+
+    def _send_back(self, chunk: bytes) -> None:
+        assert self._upstream is not None
+        if self.dribble_back is None:
+            self._upstream.sendall(chunk)
+            return
+        size, delay = self.dribble_back
+        for start in range(0, len(chunk), size):
+            self._upstream.sendall(chunk[start : start + size])
+            time.sleep(delay)
