@@ -506,15 +506,31 @@ class Replicator:
                 self._maybe_self_fence()
 
     def _maybe_self_fence(self) -> None:
-        with self._lock:
-            lease, fenced, link = self._lease, self._fenced, self.link
-        if lease is None or fenced or link is None or not link.is_down:
+        if self._self_fence_reason() is None:
             return
+        # A stop (or any other request) may hold the lock for a while — up to 30 s waiting for
+        # xl remus to exit — and leave the replicator Stopped: decide again under the lock,
+        # never on what was true before waiting for it.
+        with self._op_lock:
+            reason = self._self_fence_reason()
+            if reason is not None:
+                self._fence(reason)
+
+    def _self_fence_reason(self) -> str | None:
+        """Why the primary must pause its guest now, or None: the stream is down and lease
+        renewals are about to allow the standby to take over, and we are still replicating
+        (a stopping or stopped replicator no longer speaks for the guest)."""
+        with self._lock:
+            lease, fenced, link, state = self._lease, self._fenced, self.link, self._state
+        if self.stopping.is_set() or state in ("Stopping", "Stopped", "Dropped"):
+            return None
+        if lease is None or fenced or link is None or not link.is_down:
+            return None
         renewed, duration = lease
         stale = time.monotonic() - renewed
         if stale > duration - margin(duration):
-            with self._op_lock:
-                self._fence(f"SelfFence: stream lost and last renewal {stale:.1f}s old")
+            return f"SelfFence: stream lost and last renewal {stale:.1f}s old"
+        return None
 
     # --- requests -----------------------------------------------------------------------------
 

@@ -36,7 +36,7 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import kopf
@@ -59,7 +59,7 @@ from .kube import (
     owned_copy,
 )
 from .metrics import OperatorMetrics
-from .owned import REPLICATION_LABEL, Owner, owned_metadata
+from .owned import REPLICATION_LABEL, Owner, is_owned_by, owned_metadata
 from .settings import OperatorSettings
 
 registry = kopf.OperatorRegistry()
@@ -90,8 +90,10 @@ class Context:
     _wakeups: dict[str, asyncio.Event] = field(default_factory=dict)
     _interest: dict[str, frozenset[str]] = field(default_factory=dict)
     _locks: dict[str, asyncio.Lock] = field(default_factory=dict)
+    #: uid -> (nodes, when to look at the Secrets again): renewal, or the next ownership check.
     _tls: dict[str, tuple[frozenset[str], datetime]] = field(default_factory=dict)
-    _rbac: set[str] = field(default_factory=set)
+    #: uid -> when to look at the Role/RoleBinding again.
+    _rbac: dict[str, datetime] = field(default_factory=dict)
     _stats_written: dict[str, datetime] = field(default_factory=dict)
     _last_error: dict[str, str] = field(default_factory=dict)
     _owned_error: dict[str, str] = field(default_factory=dict)
@@ -123,9 +125,16 @@ class Context:
             event.set()
 
     def forget(self, uid: str) -> None:
-        for table in (self._wakeups, self._interest, self._locks, self._tls, self._stats_written):
+        tables: tuple[dict[str, Any], ...] = (
+            self._wakeups,
+            self._interest,
+            self._locks,
+            self._tls,
+            self._rbac,
+            self._stats_written,
+        )
+        for table in tables:
             table.pop(uid, None)
-        self._rbac.discard(uid)
         self._last_error.pop(uid, None)
         self._owned_error.pop(uid, None)
         self.metrics.set_phase(uid, None)
@@ -293,7 +302,7 @@ class Context:
         steps: tuple[tuple[str, Callable[[], Awaitable[None]]], ...] = (
             ("fencing Lease", lambda: self._ensure_lease(owner, obs, outcome)),
             ("TLS Secrets", lambda: self._ensure_tls(owner, obs, outcome)),
-            ("agent Role", lambda: self._ensure_rbac(owner)),
+            ("agent Role", lambda: self._ensure_rbac(owner, obs.now)),
         )
         for what, step in steps:
             try:
@@ -320,6 +329,10 @@ class Context:
             lease_duration_seconds=obs.spec.failover.lease_duration_seconds,
             now=obs.now,
         )
+        # A Lease left by a deleted replication of the same name is not ours (observe ignores
+        # it) and not ours to change either (only agents move a holder; the operator has no
+        # `update` on Leases): the garbage collector removes it, the Lease index sees it go,
+        # and the next pass creates ours.
         await self.kube.create_or_get(LEASES, owner.namespace, lease)
 
     async def _ensure_tls(
@@ -340,8 +353,9 @@ class Context:
         tls_secret = await self.kube.get(SECRETS, owner.namespace, tls_name)
         ca_secret = await self.kube.get(SECRETS, owner.namespace, ca_name)
         plan = certs.plan_tls(
-            ca_data=_secret_data(ca_secret),
-            tls_data=_secret_data(tls_secret),
+            # Material of a deleted replication of the same name is not reused: fresh keys.
+            ca_data=_secret_data(ca_secret) if _owned(ca_secret, owner) else None,
+            tls_data=_secret_data(tls_secret) if _owned(tls_secret, owner) else None,
             nodes=nodes,
             ca_name=f"xenha {owner.key} CA",
             now=obs.now,
@@ -353,7 +367,8 @@ class Context:
             # The CA first: a node certificate must never be stored without its issuer.
             await self._put_secret(owner, ca_name, ca_secret, plan.ca_data)
             await self._put_secret(owner, tls_name, tls_secret, plan.tls_data)
-        self._tls[owner.uid] = (nodes, plan.renew_at)
+        # Not trusted forever: the Secrets are not watched, and may go (garbage collector).
+        self._tls[owner.uid] = (nodes, min(plan.renew_at, obs.now + self._owned_check))
 
     async def _put_secret(
         self,
@@ -371,11 +386,18 @@ class Context:
         }
         if existing is None:
             await self.kube.create(SECRETS, owner.namespace, desired)
-        elif existing.get("data") != desired["data"]:
+        elif existing.get("data") != desired["data"] or not is_owned_by(existing, owner):
+            # Also takes over a Secret left by a deleted replication of the same name (new
+            # owner, new data), guarded by its resourceVersion against the garbage collector.
             await self.kube.replace(SECRETS, owner.namespace, name, owned_copy(existing, desired))
 
-    async def _ensure_rbac(self, owner: Owner) -> None:
-        if owner.uid in self._rbac:
+    @property
+    def _owned_check(self) -> timedelta:
+        return self.settings.owned_check_interval
+
+    async def _ensure_rbac(self, owner: Owner, now: datetime) -> None:
+        check_at = self._rbac.get(owner.uid)
+        if check_at is not None and now < check_at:
             return
         role = certs.agent_role(owner)
         binding = certs.agent_role_binding(
@@ -384,9 +406,11 @@ class Context:
         name = role["metadata"]["name"]
         for kind, desired, field_ in ((ROLES, role, "rules"), (ROLEBINDINGS, binding, "subjects")):
             existing = await self.kube.create_or_get(kind, owner.namespace, desired)
-            if existing.get(field_) != desired[field_]:
+            if existing.get(field_) != desired[field_] or not is_owned_by(existing, owner):
+                # Also takes over one left by a deleted replication of the same name.
                 await self.kube.replace(kind, owner.namespace, name, owned_copy(existing, desired))
-        self._rbac.add(owner.uid)
+        # Not trusted forever: they are not watched, and may go (garbage collector).
+        self._rbac[owner.uid] = now + self._owned_check
 
 
 async def _until(stopped: kopf.DaemonStopped) -> None:
@@ -395,6 +419,10 @@ async def _until(stopped: kopf.DaemonStopped) -> None:
 
 def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
+
+
+def _owned(obj: Mapping[str, Any] | None, owner: Owner) -> bool:
+    return obj is not None and is_owned_by(obj, owner)
 
 
 def _secret_data(secret: Mapping[str, Any] | None) -> dict[str, bytes] | None:

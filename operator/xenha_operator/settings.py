@@ -50,6 +50,10 @@ class OperatorSettings:
     #: Re-evaluate every replication at least this often, even without watch events: staleness
     #: is a matter of time passing, not of anything being written.
     resync_interval: timedelta = timedelta(seconds=2)
+    #: The TLS Secrets and the agents' Role/RoleBinding are not watched: check at least this
+    #: often that they still exist and are ours (the garbage collector may have removed them,
+    #: e.g. when they were left over from a deleted replication of the same name).
+    owned_check_interval: timedelta = timedelta(seconds=30)
     #: A switchover still InProgress after this long is marked Failed (the agents then
     #: resume on the node that holds the fencing Lease).
     switchover_timeout: timedelta = timedelta(seconds=120)
@@ -124,6 +128,12 @@ def parse_args(argv: Sequence[str], environ: Mapping[str, str] | None = None) ->
         "--resync-interval", type=_seconds, default=defaults.resync_interval, metavar="SECONDS"
     )
     parser.add_argument(
+        "--owned-check-interval",
+        type=_seconds,
+        default=defaults.owned_check_interval,
+        metavar="SECONDS",
+    )
+    parser.add_argument(
         "--switchover-timeout",
         type=_seconds,
         default=defaults.switchover_timeout,
@@ -157,6 +167,7 @@ def parse_args(argv: Sequence[str], environ: Mapping[str, str] | None = None) ->
         agent_service_account=args.agent_service_account,
         report_stale_after=args.report_stale_after,
         resync_interval=args.resync_interval,
+        owned_check_interval=args.owned_check_interval,
         switchover_timeout=args.switchover_timeout,
         deletion_timeout=args.deletion_timeout,
         stats_interval=args.stats_interval,
