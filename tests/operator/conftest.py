@@ -298,6 +298,9 @@ class FakeAgents:
         self.reports: dict[str, dict[str, Any]] = {}
         self.alive: set[str] = set()
         self._lock = threading.Lock()
+        # One writer at a time: the heartbeat thread and set() both read-modify-write the
+        # XenNode, and two interleaved writes conflict (409) like two agents would.
+        self._write_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
@@ -319,9 +322,10 @@ class FakeAgents:
         self._write(node)
 
     def _write(self, node: str) -> None:
-        with self._lock:
-            status = {**self.reports.get(node, {}), "heartbeatTime": now_iso()}
-        self.admin.report(node, status)
+        with self._write_lock:
+            with self._lock:
+                status = {**self.reports.get(node, {}), "heartbeatTime": now_iso()}
+            self.admin.report(node, status)
 
     def _run(self) -> None:
         while not self._stop.wait(0.5):
