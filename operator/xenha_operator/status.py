@@ -23,7 +23,7 @@ Phases (`status.phase`), in the order they are decided:
 Conditions (Kubernetes conventions; `lastTransitionTime` moves only when `status` moves):
 
 - `Ready`: the guest is up on the active node (reasons Running, DomainNotFound, Fenced,
-  NodeUnresponsive, NodeNotFound, FailingOver, SwitchingOver, DomainNotRunning).
+  DomainPaused, NodeUnresponsive, NodeNotFound, FailingOver, SwitchingOver, DomainNotRunning).
 - `Protected`: a standby holds a complete, current copy (True: Replicating; False: the reasons
   of vSphere FT's "Not Protected" — Initializing, Seeding, NeedSecondary, LostConnection,
   CheckpointError, NodeUnresponsive, Suspended, UserAction (deleting), FailingOver,
@@ -43,6 +43,7 @@ from datetime import datetime, timedelta
 from xenha.api import (
     Condition,
     ConditionStatus,
+    DomainInfo,
     FailoverRecord,
     NodeReplication,
     Phase,
@@ -79,8 +80,10 @@ _RELEASED = frozenset({ReplicationState.STOPPED, ReplicationState.FAILED})
 _STARTED_PHASES = frozenset(
     {Phase.SEEDING, Phase.PROTECTED, Phase.DEGRADED, Phase.FAILING_OVER, Phase.SUSPENDED}
 )
-#: Domain states (as xl reports them) in which the guest does not serve.
-_DOWN_DOMAIN_STATES = frozenset({"shutdown", "crashed", "dying"})
+#: Domain states (as xl reports them) in which the guest does not serve. Only the Ready
+#: condition reads this: a paused guest still exists (validation must not call it missing,
+#: a fenced primary's paused copy may be the one to resume) but serves nobody.
+_DOWN_DOMAIN_STATES = frozenset({"shutdown", "crashed", "dying", "paused"})
 #: The reason agents give in their failover record when a planned handover moved the guest.
 SWITCHOVER_REASON = "Switchover"
 
@@ -279,6 +282,14 @@ def _assess(
         own = found.standby_problems.get(s) or []
         message = own[0].message if own else f"the agent on {s} does not report"
         return _Verdict(unprotected, False, Reason.NODE_UNRESPONSIVE, message)
+    refused = next(
+        (p for p in found.standby_problems.get(s, []) if p.reason is Reason.COLO_UNSUPPORTED),
+        None,
+    )
+    if refused is not None and (s_rep is None or s_rep.state is not ReplicationState.REPLICATING):
+        # Whatever the two replicators report meanwhile (a stream that broke, a retry
+        # starting), nothing changes until the standby can run COLO: one stable reason.
+        return _Verdict(unprotected, False, refused.reason, refused.message)
     if (
         s_rep is not None
         and s_rep.state is ReplicationState.REPLICATING
@@ -288,16 +299,21 @@ def _assess(
         return _Verdict(
             Phase.PROTECTED, True, "Replicating", f"{s} holds a current copy of {spec.domain}"
         )
-    for node, rep in ((s, s_rep), (a, a_rep)):
-        if rep is not None and rep.state in _TROUBLED:
-            reason = rep.reason or _default_reason(rep)
-            detail = rep.message or f"{node} reports {rep.state.value}"
-            return _Verdict(Phase.DEGRADED, False, reason, detail)
+    if s_rep is not None and s_rep.state in _TROUBLED:
+        return _troubled(s, s_rep)
     if s_rep is None:
+        if a_rep is not None and a_rep.state in _TROUBLED:
+            return _troubled(a, a_rep)
         # A standby that has not picked the replication up yet; whatever the active side says
         # about its peer is about the previous one.
         phase = Phase.SEEDING if started else Phase.PENDING
         return _Verdict(phase, False, "Initializing", f"waiting for the agents on {a} and {s}")
+    if s_rep.state in _STARTING:
+        # A new session is being set up: the link comes up during it, and what the active
+        # side still says (a peer lost, a stream stopped) is about the previous session.
+        return _Verdict(Phase.SEEDING, False, "Seeding", f"seeding the standby on {s} from {a}")
+    if a_rep is not None and a_rep.state in _TROUBLED:
+        return _troubled(a, a_rep)
     for node, rep in ((s, s_rep), (a, a_rep)):
         if rep is not None and rep.peer_connected is False:
             return _Verdict(
@@ -307,6 +323,13 @@ def _assess(
                 rep.message or f"{node} lost the connection to its peer",
             )
     return _Verdict(Phase.SEEDING, False, "Seeding", f"seeding the standby on {s} from {a}")
+
+
+def _troubled(node: str, rep: NodeReplication) -> _Verdict:
+    reason = rep.reason or _default_reason(rep)
+    return _Verdict(
+        Phase.DEGRADED, False, reason, rep.message or f"{node} reports {rep.state.value}"
+    )
 
 
 def _default_reason(rep: NodeReplication) -> str:
@@ -348,6 +371,7 @@ def _ready(
     roles: decide.Roles,
     found: Validation,
     verdict: _Verdict,
+    record: Switchover | None,
 ) -> tuple[ConditionStatus, str, str]:
     a = roles.active
     view = obs.nodes.get(a)
@@ -383,12 +407,31 @@ def _ready(
             f"domain {spec.domain} is not running on {a}",
         )
     if (domain.state or "").lower() in _DOWN_DOMAIN_STATES:
-        return (
-            ConditionStatus.FALSE,
-            "DomainNotRunning",
-            f"domain {spec.domain} on {a} is {domain.state}",
-        )
+        return ConditionStatus.FALSE, *_not_serving(spec.domain, a, domain, record)
     return ConditionStatus.TRUE, "Running", f"{spec.domain} runs on {a}"
+
+
+def _not_serving(
+    name: str, node: str, domain: DomainInfo, record: Switchover | None
+) -> tuple[str, str]:
+    """(reason, message) of a guest the active node lists but that does not serve."""
+    if (domain.state or "").lower() != "paused":
+        return "DomainNotRunning", f"domain {name} on {node} is {domain.state}"
+    if domain.name.endswith(validate.INCOMING_SUFFIX):
+        # The standby's Remus copy on the node that just took the Lease: activation
+        # unpauses it and gives it the guest's name.
+        planned = (
+            record is not None
+            and record.state is SwitchoverState.SUCCEEDED
+            and record.target == node
+        )
+        return (
+            "SwitchingOver" if planned else "FailingOver",
+            f"{node} is taking over {name}: its copy is not running yet",
+        )
+    # An agent's fence shows as its entry's Fenced state (handled before): this one was
+    # paused by hand, or the report of a fence has not arrived yet.
+    return "DomainPaused", f"domain {name} on {node} is paused"
 
 
 def _nodes_available(
@@ -474,7 +517,7 @@ def _status(
     record: Switchover | None,
 ) -> XenReplicationStatus:
     prev = obs.previous
-    ready = _ready(obs, spec, roles, found, verdict)
+    ready = _ready(obs, spec, roles, found, verdict, record)
     protected = (
         (ConditionStatus.TRUE, verdict.reason, verdict.message)
         if verdict.protected

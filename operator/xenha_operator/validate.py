@@ -240,7 +240,7 @@ def check_active(
         found.append(
             Problem(Reason.DOMAIN_NOT_FOUND, f"domain {domain} is not running on {node}", node)
         )
-    if _colo_refused(subject.spec, view):
+    if _colo_refused(subject, view):
         found.append(_colo_problem(node))
     return found
 
@@ -268,9 +268,20 @@ def _moving_elsewhere(subject: Subject, nodes: Mapping[str, NodeView]) -> bool:
     return False
 
 
-def _colo_refused(spec: XenReplicationSpec, view: NodeView) -> bool:
+def _colo_refused(subject: Subject, view: NodeView) -> bool:
+    """COLO asked, and the node says it cannot: in its Xen facts, or by failing this
+    replication for that reason (its agent found out by trying: libxl without COLO)."""
+    if subject.spec.mode is not Mode.COLO:
+        return False
     xen = view.status.xen if view.status else None
-    return spec.mode is Mode.COLO and xen is not None and xen.colo_supported is False
+    if xen is not None and xen.colo_supported is False:
+        return True
+    entry = subject.entry(view)
+    return (
+        entry is not None
+        and entry.state is ReplicationState.FAILED
+        and entry.reason == Reason.COLO_UNSUPPORTED
+    )
 
 
 def _colo_problem(node: str) -> Problem:
@@ -296,7 +307,7 @@ def check_standby(
         return [problem] if problem else []
     found = []
     domain = subject.spec.domain
-    if _colo_refused(subject.spec, view):
+    if _colo_refused(subject, view):
         found.append(_colo_problem(node))
     if view.domain(domain) is not None and node != subject.standby:
         found.append(

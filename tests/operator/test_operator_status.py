@@ -6,7 +6,7 @@ phase, conditions and roles follow from what the agents report.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -92,12 +92,17 @@ def node(
     colo: bool | None = True,
     entries: Sequence[NodeReplication] = (),
     age: float | None = 1.0,
+    states: Mapping[str, str] | None = None,
 ) -> NodeView:
-    """A node whose agent last changed its report `age` seconds ago (None: never seen)."""
+    """A node whose agent last changed its report `age` seconds ago (None: never seen).
+    Its domains are running unless `states` says otherwise (as the agent reads xl list)."""
+    states = states or {}
     status = XenNodeStatus(
         heartbeat_time=NOW,
         xen=XenInfo(free_memory_mib=free, colo_supported=colo),
-        domains=[DomainInfo(name=d, state="running", memory_mib=512) for d in domains],
+        domains=[
+            DomainInfo(name=d, state=states.get(d, "running"), memory_mib=512) for d in domains
+        ],
         replications=list(entries),
     )
     seen = None if age is None else NOW - timedelta(seconds=age)
@@ -971,3 +976,333 @@ def test_a_move_of_the_guest_is_never_called_failed(
         previous = out.status
     assert previous is not None
     assert (previous.active_node, previous.standby_node) == (B, A)
+
+
+# --- a new session starting --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("state", [ReplicationState.STARTING, ReplicationState.SEEDING])
+@pytest.mark.parametrize(
+    ("story", "active", "standby", "lease_holder", "previous"),
+    [
+        (
+            "re-protection after a failover: xen-b runs the guest, the old primary is the new "
+            "standby",
+            node(
+                B,
+                domains=["db1"],
+                entries=[entry("secondary", ReplicationState.ACTIVE, peer=False)],
+            ),
+            A,
+            B,
+            XenReplicationStatus(phase=Phase.DEGRADED, active_node=B, standby_node=A),
+        ),
+        (
+            "re-protection after the standby was lost: the primary still reports the old stream",
+            node(
+                A,
+                domains=["db1"],
+                entries=[entry("primary", ReplicationState.REPLICATING, peer=False, total=40)],
+            ),
+            B,
+            A,
+            XenReplicationStatus(phase=Phase.DEGRADED, active_node=A, standby_node=B),
+        ),
+        (
+            "a new replication: both sides start, no link yet",
+            node(
+                A,
+                domains=["db1"],
+                entries=[entry("primary", ReplicationState.STARTING, peer=False)],
+            ),
+            B,
+            A,
+            XenReplicationStatus(phase=Phase.PENDING, active_node=A, standby_node=B),
+        ),
+    ],
+)
+def test_a_standby_starting_or_seeding_without_a_link_yet_is_seeding_not_degraded(
+    state: ReplicationState,
+    story: str,
+    active: NodeView,
+    standby: str,
+    lease_holder: str,
+    previous: XenReplicationStatus,
+) -> None:
+    new_standby = node(standby, entries=[entry("secondary", state, peer=False)])
+    out = reconcile(
+        observe(active, new_standby, lease_holder=lease_holder, previous=previous), TIMING
+    )
+    assert (out.status.phase, condition(out, PROTECTED)) == (
+        Phase.SEEDING,
+        (ConditionStatus.FALSE, "Seeding"),
+    ), story
+    assert out.status.standby_node == standby, story
+    assert reasons(out) == ["Seeding"], story
+
+
+# --- a paused guest on the active node -------------------------------------------------------
+
+FENCED_A = entry("primary", ReplicationState.FENCED, peer=False, reason="SelfFenced")
+PAUSED_DB1 = {"db1": "paused"}
+
+# (story, observation, Ready, phase, Validated reason)
+READY_TABLE = [
+    (
+        "the guest runs: Ready",
+        observe(*REPLICATING, lease_holder=A),
+        (ConditionStatus.TRUE, "Running"),
+        Phase.PROTECTED,
+        "Valid",
+    ),
+    (
+        "the primary fenced itself, its guest is paused: not Ready, failing over, still valid",
+        observe(
+            node(A, domains=["db1"], states=PAUSED_DB1, entries=[FENCED_A]),
+            REPLICATING[1],
+            lease_holder=A,
+            previous=protected_status(),
+        ),
+        (ConditionStatus.FALSE, "FailingOver"),
+        Phase.FAILING_OVER,
+        "Valid",
+    ),
+    (
+        "a fenced guest while replication is suspended: not Ready, Fenced",
+        observe(
+            node(A, domains=["db1"], states=PAUSED_DB1, entries=[FENCED_A]),
+            SECONDARY_UP,
+            spec={"suspended": True},
+            lease_holder=A,
+            previous=protected_status(),
+        ),
+        (ConditionStatus.FALSE, "Fenced"),
+        Phase.SUSPENDED,
+        "Valid",
+    ),
+    (
+        "the guest paused by hand while the standby is current: not Ready, still Protected",
+        observe(
+            node(
+                A,
+                domains=["db1"],
+                states=PAUSED_DB1,
+                entries=[entry("primary", ReplicationState.REPLICATING, total=120)],
+            ),
+            REPLICATING[1],
+            lease_holder=A,
+            previous=protected_status(),
+        ),
+        (ConditionStatus.FALSE, "DomainPaused"),
+        Phase.PROTECTED,
+        "Valid",
+    ),
+    (
+        "the guest is paused and the agent's report of a fence has not arrived: DomainPaused",
+        observe(
+            node(
+                A,
+                domains=["db1"],
+                states=PAUSED_DB1,
+                entries=[entry("primary", ReplicationState.REPLICATING, peer=False, total=120)],
+            ),
+            node(
+                B,
+                domains=["db1--incoming"],
+                entries=[
+                    entry("secondary", ReplicationState.DEGRADED, peer=False, reason="PeerLost")
+                ],
+            ),
+            lease_holder=A,
+            previous=protected_status(),
+        ),
+        (ConditionStatus.FALSE, "DomainPaused"),
+        Phase.DEGRADED,
+        "Valid",
+    ),
+    (
+        "the new active node still holds the paused incoming copy it is activating",
+        observe(
+            node(A, domains=["db1"], states=PAUSED_DB1, entries=[FENCED_A], age=20),
+            node(
+                B,
+                domains=["db1--incoming"],
+                states={"db1--incoming": "paused"},
+                entries=[entry("secondary", ReplicationState.ACTIVATING, peer=False)],
+            ),
+            lease_holder=B,
+            previous=protected_status(),
+        ),
+        (ConditionStatus.FALSE, "FailingOver"),
+        Phase.DEGRADED,
+        "Valid",
+    ),
+    (
+        "the guest crashed: not Ready, DomainNotRunning",
+        observe(
+            node(A, domains=["db1"], states={"db1": "crashed"}),
+            SECONDARY_UP,
+            lease_holder=A,
+        ),
+        (ConditionStatus.FALSE, "DomainNotRunning"),
+        Phase.PENDING,
+        "Valid",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("story", "obs", "ready", "phase", "validated"),
+    READY_TABLE,
+    ids=[row[0][:70] for row in READY_TABLE],
+)
+def test_ready_says_whether_the_guest_serves_and_a_paused_guest_is_not_missing(
+    story: str,
+    obs: Observation,
+    ready: tuple[ConditionStatus, str],
+    phase: Phase,
+    validated: str,
+) -> None:
+    out = reconcile(obs, TIMING)
+    got = (condition(out, READY), out.status.phase, condition(out, VALIDATED)[1])
+    assert got == (ready, phase, validated), story
+    assert "DomainNotFound" not in reasons(out), story
+
+
+# --- COLO asked of a node that cannot run it ------------------------------------------------
+
+COLO = {"mode": "colo"}
+NO_COLO = entry(
+    "secondary",
+    ReplicationState.FAILED,
+    peer=False,
+    reason="ColoUnsupported",
+    message="xl migrate-receive --colo: COLO is not supported",
+)
+
+
+def colo_seeding() -> XenReplicationStatus:
+    return reconcile(observe(*SEEDING, spec=COLO, lease_holder=A), TIMING).status
+
+
+# What the two agents report, pass after pass, once the standby found it cannot run COLO:
+# the primary's stream broke, the standby's agent may try again; its XenNode says so too,
+# or not yet.
+STANDBY_WITHOUT_COLO = [
+    (
+        "the standby's receiver failed; its XenNode says so in the same report",
+        SEEDING[0],
+        node(B, colo=False, entries=[NO_COLO]),
+    ),
+    (
+        "the primary's stream broke: it lost its peer",
+        node(
+            A,
+            domains=["db1"],
+            entries=[
+                entry("primary", ReplicationState.DEGRADED, peer=False, reason="LostConnection")
+            ],
+        ),
+        node(B, colo=False, entries=[NO_COLO]),
+    ),
+    (
+        "the primary fails its xl remus",
+        node(A, domains=["db1"], entries=[entry("primary", ReplicationState.FAILED, peer=False)]),
+        node(B, colo=False, entries=[NO_COLO]),
+    ),
+    (
+        "the agents try again: both start, no link",
+        node(A, domains=["db1"], entries=[entry("primary", ReplicationState.STARTING, peer=False)]),
+        node(B, colo=False, entries=[entry("secondary", ReplicationState.STARTING, peer=False)]),
+    ),
+    (
+        "the standby's report names the reason before its Xen facts do",
+        node(A, domains=["db1"], entries=[entry("primary", ReplicationState.SEEDING, peer=False)]),
+        node(B, colo=None, entries=[NO_COLO]),
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("story", "a", "b"), STANDBY_WITHOUT_COLO, ids=[r[0][:70] for r in STANDBY_WITHOUT_COLO]
+)
+def test_a_standby_that_cannot_run_colo_is_one_stable_reason(
+    story: str, a: NodeView, b: NodeView
+) -> None:
+    out = reconcile(observe(a, b, spec=COLO, lease_holder=A, previous=colo_seeding()), TIMING)
+    assert out.status.phase is Phase.DEGRADED, story
+    assert condition(out, PROTECTED) == (ConditionStatus.FALSE, "ColoUnsupported"), story
+    assert condition(out, VALIDATED) == (ConditionStatus.FALSE, "ColoUnsupported"), story
+    assert condition(out, READY) == (ConditionStatus.TRUE, "Running"), story
+
+
+def test_colo_unsupported_on_the_standby_is_told_once_whatever_the_agents_report_next() -> None:
+    previous = colo_seeding()
+    told: list[str] = []
+    statuses = []
+    for i, (_story, a, b) in enumerate(STANDBY_WITHOUT_COLO):
+        out = reconcile(
+            observe(
+                a,
+                b,
+                spec=COLO,
+                lease_holder=A,
+                previous=previous,
+                now=NOW + timedelta(seconds=2 * (i + 1)),
+            ),
+            TIMING,
+        )
+        told += reasons(out)
+        statuses.append(out.status)
+        previous = out.status
+    # The phase change is told, and the problem once; the reports that follow change nothing.
+    assert told == ["Degraded", "ColoUnsupported"]
+    assert all(s.message == statuses[0].message for s in statuses)
+    assert "COLO" in (statuses[0].message or "")
+
+
+def test_colo_unsupported_on_the_active_node_fails_the_replication_with_one_event() -> None:
+    previous = colo_seeding()
+    a_no_colo = entry(
+        "primary",
+        ReplicationState.FAILED,
+        peer=False,
+        reason="ColoUnsupported",
+        message="xl remus -c: COLO is not supported",
+    )
+    passes = [
+        (node(A, domains=["db1"], colo=False, entries=[a_no_colo]), SEEDING[1]),
+        (
+            node(A, domains=["db1"], colo=False, entries=[a_no_colo]),
+            node(
+                B,
+                domains=["db1--incoming"],
+                entries=[
+                    entry("secondary", ReplicationState.DEGRADED, peer=False, reason="PeerEnded")
+                ],
+            ),
+        ),
+        (
+            node(A, domains=["db1"], colo=None, entries=[a_no_colo]),
+            node(B, entries=[entry("secondary", ReplicationState.STARTING, peer=False)]),
+        ),
+    ]
+    told: list[str] = []
+    for i, (a, b) in enumerate(passes):
+        out = reconcile(
+            observe(
+                a,
+                b,
+                spec=COLO,
+                lease_holder=A,
+                previous=previous,
+                now=NOW + timedelta(seconds=2 * (i + 1)),
+            ),
+            TIMING,
+        )
+        assert out.status.phase is Phase.FAILED
+        assert condition(out, PROTECTED) == (ConditionStatus.FALSE, "ColoUnsupported")
+        assert condition(out, VALIDATED) == (ConditionStatus.FALSE, "ColoUnsupported")
+        told += reasons(out)
+        previous = out.status
+    assert told == ["ColoUnsupported"]

@@ -180,6 +180,63 @@ def test_output_leaves_only_once_the_backup_acknowledged_its_checkpoint(lab: Lab
         assert applied[reply["epoch"]] < reply["t"]
 
 
+def test_a_second_remus_session_releases_output_on_its_own_acknowledgements(lab: Lab) -> None:
+    """Re-protection: the first `xl remus` of a guest ends when its backup dies, a second one
+    protects it anew to another host. The second run numbers its checkpoints from 1; a reply
+    the guest produces in it leaves once *that* run's backup acknowledged the checkpoint
+    holding its state, and not before."""
+    a = lab.host("xen-a")
+    b = lab.host("xen-b")
+    c = lab.host("xen-c")
+    a.create_guest("db1", memory_mib=16, dirty_rate=1000)
+    uuid = a.domain("db1")["uuid"]  # type: ignore[index]
+
+    receiver, sock = lab.receive(b, "-r")
+    first = lab.remus(a, "db1", "-i", "20", to=Path(lab.tap(sock).path))
+    wait_for(lambda: len(lab.events("checkpoint_applied", host="xen-b")) >= 8, 60, "8 checkpoints")
+    b.kill()
+    assert first.wait() == 1
+    assert "Remus: Backup failed? resuming domain at primary." in first.stderr
+
+    # A request that the guest can only serve once the second run buffers its output: the
+    # guest is paused until then (the connection was made while it ran).
+    client = ServiceClient(a.service_address("db1"), ledger_path=lab.ledger, uuid=uuid, timeout=60)
+    before = client.next()
+    assert before is not None
+    assert a.xl("pause", "db1").returncode == 0
+    answers: list[int | None] = []
+    asking = threading.Thread(target=lambda: answers.append(client.next()))
+    asking.start()
+
+    # The second run's backup gets checkpoints 1-3 and acknowledges them; nothing later.
+    receiver, sock = lab.receive(c, "-r")
+    tap = StreamTap(lab.root / "tap2.sock", receiver=sock)
+    tap.hold_after_checkpoint(3, extra_bytes=0, keep_back_channel=True)
+    tap.start()
+    second = lab.remus(a, "db1", "-i", "100", to=Path(tap.path))
+    try:
+        wait_for(lambda: a.domain("db1")["output_mode"] == "remus", 60, "buffering")  # type: ignore[index]
+        assert a.xl("unpause", "db1").returncode == 0
+        asking.join(timeout=60)
+        assert answers == [before + 1], f"{second.stderr}\n--- receiver\n{receiver.stderr}"
+
+        (reply,) = lab.events("reply", value=before + 1)
+        assert (reply["mode"], reply["session"]) == ("remus", 2)
+        applied = {e["number"]: e["t"] for e in lab.events("checkpoint_applied", host="xen-c")}
+        assert reply["epoch"] in applied
+        assert applied[reply["epoch"]] < reply["t"]
+
+        # Past checkpoint 3 the guest's output waits for acknowledgements that never come.
+        tap.wait_held(timeout=60)
+        with ServiceClient(a.service_address("db1"), timeout=1) as late:
+            assert late.next() is None
+        assert [e["value"] for e in lab.events("reply")] == [before, before + 1]
+        assert second.poll() is None
+    finally:
+        client.close()
+        tap.close()
+
+
 def test_with_network_buffering_disabled_output_leaves_at_once(lab: Lab) -> None:
     a, _b, _receiver, sender, _tap = start_replication(lab, "-F", "-n", "-i", "100")
     wait_for(lambda: lab.events("checkpoint_applied"), what="the first checkpoint")

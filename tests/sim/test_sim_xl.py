@@ -66,6 +66,27 @@ class TestList:
         assert host.xl("unpause", guest).returncode == 0
         assert "--p---" not in host.xl("list", guest).stdout
 
+    def test_the_state_flags_are_independent_as_xl_prints_libxl_dominfo(
+        self, host: SimHost, guest: str
+    ) -> None:
+        """xl_list.c prints running, blocked, paused, shutdown, the shutdown reason's letter
+        (s: suspend) and dying, each for itself: a guest paused while suspended for a
+        checkpoint (fenced mid-checkpoint) shows both p and ss."""
+
+        def state() -> str:
+            return ROW.match(host.xl("list", guest).stdout.splitlines()[1])["state"]  # type: ignore[index]
+
+        domid = host.domain(guest)["domid"]  # type: ignore[index]
+        with host.hypercall() as hc:
+            hc.call("domain_suspend", domid=domid, timeout=5)
+            assert state() == "---ss-"
+            assert host.xl("pause", guest).returncode == 0
+            assert state() == "--pss-"
+            hc.call("domain_resume", domid=domid)
+            assert state() == "--p---"
+            assert host.xl("unpause", guest).returncode == 0
+            assert state() == "r-----"
+
     def test_long_listing_is_libxl_json(self, host: SimHost, guest: str) -> None:
         entries = json.loads(host.xl("list", "-l").stdout)
         entry = next(e for e in entries if e["config"]["c_info"]["name"] == guest)

@@ -66,12 +66,39 @@ def signal_tagged(tag: str, sig: signal.Signals) -> list[int]:
     return pids
 
 
-def freeze_tagged(tag: str) -> list[int]:
+def _stopped(pid: int) -> bool:
+    """Every thread of `pid` has stopped (or is gone)."""
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return True
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state not in ("T", "t", "Z", "X"):
+            return False
+    return True
+
+
+def freeze_tagged(tag: str, *, timeout: float = 10.0) -> list[int]:
     """SIGSTOP every process of the host, until no new one appears (one could fork while
-    the others are being stopped); returns them all."""
+    the others are being stopped), and wait until all of them have stopped; returns them.
+
+    kill() returns before a multi-threaded process stops: the kernel wakes one thread to
+    stop the others, and until it has run, a thread woken by the network (a guest's
+    service answering a request that just arrived) goes on. Only once every thread shows
+    as stopped in /proc does the host do nothing."""
+    deadline = time.monotonic() + timeout
     frozen: set[int] = set()
     while True:
         pids = set(signal_tagged(tag, signal.SIGSTOP))
+        while not all(_stopped(pid) for pid in pids):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"processes of {tag} do not stop: {sorted(pids)}")
+            time.sleep(0.001)
         if pids <= frozen:
             return sorted(frozen)
         frozen |= pids

@@ -437,8 +437,8 @@ class SimHost:
             self.hypercall_path.parent.rmdir()
 
     def pause(self) -> None:
-        """Hung host: every process stops where it is (SIGSTOP)."""
-        faults.signal_tagged(self.tag, signal.SIGSTOP)
+        """Hung host: every process stops where it is (SIGSTOP), by the time this returns."""
+        faults.freeze_tagged(self.tag)
         self._record("host_stopped")
 
     def resume(self) -> None:

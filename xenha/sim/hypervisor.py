@@ -32,7 +32,7 @@ from xenha.sim.domstore import DomainStore
 from xenha.sim.hypercall import HypercallClient, HypercallError, no_such_domain
 from xenha.sim.ledger import Ledger
 from xenha.sim.output import Mode, OutputGate
-from xenha.sim.service import Service, pick_port
+from xenha.sim.service import Service, reserve_port
 from xenha.stream.format import PAGE_SIZE
 
 log = logging.getLogger(__name__)
@@ -136,6 +136,8 @@ class Domain:
         self._dirty: set[int] = set()
         self._divergence = threading.Event()
         self._proxy: ColoProxy | None = None
+        # Holds a service port this host picked for the guest (see `reserve_port`).
+        self.port_reservation: socket.socket | None = None
 
         self.memory_path = hv.spec.state_dir / "domains" / f"{domid}.mem"
         self.memory_path.parent.mkdir(parents=True, exist_ok=True)
@@ -163,9 +165,12 @@ class Domain:
         return not self.destroyed and self.pause_count == 0 and not self.suspended
 
     def flags(self) -> str:
-        """xl list's State column: r b p s <shutdown reason> d."""
+        """xl list's State column as xl_list.c prints libxl_dominfo: running, blocked,
+        paused, shutdown, the shutdown reason's letter (`-rscwS`: s for suspend) and dying.
+        The flags are independent: a guest paused while suspended for a checkpoint (fenced
+        mid-checkpoint, or its `xl remus` killed there) is `--pss-`."""
         if self.suspended:
-            return "---ss-"
+            return f"--{'p' if self.pause_count else '-'}ss-"
         if self.pause_count:
             return "--p---"
         return "r-----" if self.spec.dirty_rate > 0 else "-b----"
@@ -261,7 +266,9 @@ class Domain:
             _value, reply = guest.serve(self.memory, self._mark, divergence=self.spec.divergence)
             return reply
 
-    def _released(self, value: int, epoch: int | None, mode: str, matched: bool) -> None:
+    def _released(
+        self, value: int, epoch: int | None, session: int | None, mode: str, matched: bool
+    ) -> None:
         self.hv.ledger.record(
             "reply",
             uuid=self.uuid,
@@ -269,6 +276,7 @@ class Domain:
             domid=self.domid,
             value=value,
             epoch=epoch,
+            session=session,
             mode=mode,
             matched=matched,
         )
@@ -329,14 +337,20 @@ class Domain:
             self._update_activity()
         self.hv.colo_registry_remove(self.uuid)
 
-    def set_output(self, mode: Mode) -> None:
+    def set_output(self, mode: Mode) -> int | None:
+        """Buffer (`remus`), compare (`colo`) or release (`direct`) the guest's output.
+        Entering `remus`/`colo` starts a replication session: returns its number, which
+        that session's commits carry."""
         if mode == "colo":
             self._proxy = ColoProxy(self.hv, self.uuid)
         elif self._proxy is not None:
             self._proxy.close()
             self._proxy = None
         self._divergence.clear()
-        self.gate.set_mode(mode)
+        if mode == "direct":
+            self.gate.set_mode(mode)
+            return None
+        return self.gate.start_session(mode)
 
     def colo_wait(self, timeout: float) -> str:
         if self._divergence.wait(timeout):
@@ -364,6 +378,8 @@ class Domain:
     def destroy(self) -> None:
         self.stop()
         self.service.close()
+        if self.port_reservation is not None:
+            self.port_reservation.close()
         if self._proxy is not None:
             self._proxy.close()
         self._thread.join(timeout=2)
@@ -507,12 +523,22 @@ class Hypervisor:
                 raise HypercallError(errno.ENOMEM, "Cannot allocate memory")
             config = json.loads(json.dumps(config))
             config.setdefault("c_info", {})["uuid"] = spec.uuid
+            reservation = None
             if spec.service_port == 0:
-                port = pick_port(spec.service_ip)
+                reservation = reserve_port(spec.service_ip)
+                port = reservation.getsockname()[1]
                 config.setdefault("xenha_sim", {})["service"] = f"{spec.service_ip}:{port}"
             domid = self._next_domid
             self._next_domid += 1
-            dom = Domain(self, domid, config, paused=paused, incoming=incoming, colo_secondary=colo)
+            try:
+                dom = Domain(
+                    self, domid, config, paused=paused, incoming=incoming, colo_secondary=colo
+                )
+            except BaseException:
+                if reservation is not None:
+                    reservation.close()
+                raise
+            dom.port_reservation = reservation
             self._domains[domid] = dom
         self.copy_event(dom, "passive")
         self.store.introduce(dom.domid, dom.name, dom.uuid, dom.spec.memory_mib, dom.spec.vcpus)
@@ -635,11 +661,10 @@ class Hypervisor:
         mode = modes.get(str(args["mode"]))
         if mode is None:
             raise HypercallError(errno.EINVAL, f"output mode {args['mode']}")
-        self.domain(args["domid"]).set_output(mode)
-        return {}
+        return {"session": self.domain(args["domid"]).set_output(mode)}
 
     def _op_output_commit(self, args: Mapping[str, Any]) -> Mapping[str, Any]:
-        self.domain(args["domid"]).gate.commit(int(args["checkpoint"]))
+        self.domain(args["domid"]).gate.commit(int(args["checkpoint"]), int(args["session"]))
         return {}
 
     def _op_colo_wait(self, args: Mapping[str, Any]) -> Mapping[str, Any]:

@@ -13,7 +13,9 @@ Event kinds and their fields (domain events carry `uuid`, `name`, `domid`):
   output (active = network attached and not paused; an `--incoming` Remus copy is paused,
   a COLO secondary's output goes to the proxy, so both are passive until failover).
 - `reply`: the guest service released a reply to a client: `value` (counter), `epoch` (the
-  checkpoint whose acknowledgement released it, or null when unprotected), `mode`.
+  checkpoint whose acknowledgement released it, or null when unprotected), `session` (the
+  domain's replication session that checkpoint belongs to: the first `xl remus` on it is 1,
+  the next 2, ...; checkpoints are numbered per session), `mode`.
 - `client_reply`: a client received `value` (written by `xenha.sim.client`), with `client`.
 - `checkpoint_sent` / `checkpoint_applied`: sender / receiver, `number`, `pages`, and `crc`
   of the whole memory when the host runs with digests on.

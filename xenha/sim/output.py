@@ -14,6 +14,12 @@ reply overtook an earlier one.
 
 Leaving `remus`/`colo` (replication broke, the guest runs on unprotected) releases what is
 held, as the guest's TCP would retransmit it once the buffering qdisc is gone.
+
+Epochs are numbered per replication session, as `xl remus` numbers its checkpoints: every
+session (`start_session`, when `xl remus` sets up buffering or the proxy) counts from epoch
+1 again, and a commit names its session, so that a guest protected a second time (after a
+failover back, a suspend/resume, a lost backup) has its output released by the new
+session's acknowledgements, and a late commit of an old session releases nothing.
 """
 
 from __future__ import annotations
@@ -27,8 +33,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 Mode = Literal["direct", "remus", "colo"]
-# (value, epoch that released it or None, mode, matched)
-OnRelease = Callable[[int, int | None, str, bool], None]
+# (value, epoch that released it or None, session of that epoch or None, mode, matched)
+OnRelease = Callable[[int, int | None, int | None, str, bool], None]
 
 
 @dataclass(slots=True)
@@ -36,6 +42,7 @@ class _Pending:
     conn: socket.socket
     data: bytes
     value: int
+    session: int
     epoch: int
     matched: bool
     mode: Mode
@@ -45,7 +52,8 @@ class OutputGate:
     def __init__(self, on_release: OnRelease, *, mode: Mode = "direct") -> None:
         self._on_release = on_release
         self._mode: Mode = mode
-        self._epoch = 1  # the checkpoint that will contain the guest's current state
+        self._session = 0  # no replication session yet
+        self._epoch = 1  # the session's checkpoint that will contain the current state
         self._committed = 0
         self._queue: collections.deque[_Pending] = collections.deque()
         self._cond = threading.Condition()
@@ -62,6 +70,10 @@ class OutputGate:
         return self._epoch
 
     @property
+    def session(self) -> int:
+        return self._session
+
+    @property
     def held(self) -> int:
         with self._cond:
             return len(self._queue)
@@ -74,6 +86,21 @@ class OutputGate:
             self._mode = mode
             self._cond.notify_all()
 
+    def start_session(self, mode: Mode) -> int:
+        """A replication session starts buffering (`remus`) or comparing (`colo`): its first
+        checkpoint will contain the guest's state from now back, so epochs count from 1
+        again. Output still held by an earlier session that never tore down (its xl was
+        killed) belongs to that first checkpoint too. Returns the session, for `commit`."""
+        with self._cond:
+            self._session += 1
+            self._epoch = 1
+            self._committed = 0
+            for item in self._queue:
+                item.session, item.epoch = self._session, 1
+            self._mode = mode
+            self._cond.notify_all()
+            return self._session
+
     def submit(
         self, conn: socket.socket, data: bytes, value: int, *, matched: bool = False
     ) -> None:
@@ -81,7 +108,13 @@ class OutputGate:
             if self._closed:
                 return
             item = _Pending(
-                conn, data, value, self._epoch, matched or self._mode == "direct", self._mode
+                conn,
+                data,
+                value,
+                self._session,
+                self._epoch,
+                matched or self._mode == "direct",
+                self._mode,
             )
             self._queue.append(item)
             self._cond.notify_all()
@@ -94,10 +127,11 @@ class OutputGate:
             self._epoch += 1
             return closed
 
-    def commit(self, checkpoint: int) -> None:
-        """Checkpoint `checkpoint` reached the backup: release its output and earlier."""
+    def commit(self, checkpoint: int, session: int) -> None:
+        """Checkpoint `checkpoint` of `session` reached the backup: release its output and
+        earlier. A commit of a session that is over changes nothing."""
         with self._cond:
-            if checkpoint > self._committed:
+            if session == self._session and checkpoint > self._committed:
                 self._committed = checkpoint
                 self._cond.notify_all()
 
@@ -130,7 +164,11 @@ class OutputGate:
                 # Recorded before the send: the ledger errs on the side of "released". Under
                 # the lock, so that `close` cannot return while a release is being recorded.
                 self._on_release(
-                    item.value, item.epoch if by_commit else None, item.mode, item.matched
+                    item.value,
+                    item.epoch if by_commit else None,
+                    item.session if by_commit else None,
+                    item.mode,
+                    item.matched,
                 )
             try:
                 item.conn.sendall(item.data)

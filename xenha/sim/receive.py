@@ -10,6 +10,9 @@ As xl_migrate.c migrate_receive, libxl's checkpointed restore and xg_sr_restore.
   stdout, which is when the primary releases that epoch's output;
 - COLO: after applying, write SVM_READY, resume the secondary copy, write SVM_RESUMED; on
   CHECKPOINT_STATE NEW suspend it, write SVM_SUSPENDED and its dirty PFN list;
+- COLO on a libxl built without it (Debian's, libxl_no_colo.c): the domain is made, then the
+  restore's COLO setup refuses (`Domain N:COLO is not supported`) and xl exits 1, leaving the
+  domain behind paused and nameless (`(null)`; only `xl destroy <domid>` removes it);
 - when the stream ends or breaks: before the first complete checkpoint there is no
   consistent state (the domain is destroyed, exit 1); otherwise drop the incomplete
   checkpoint, fail over (`migration target: Remus Failover for domain N`), rename the domain
@@ -42,12 +45,22 @@ from xenha.stream.parser import (
 ERROR_FAIL = -3
 ERROR_INVAL = -6
 READ_CHUNK = 1 << 20
+# How `xl list` names a domain whose name libxl never wrote.
+NAMELESS = "(null)"
 
 Mode = Literal["remus", "colo"]
 
 
 class _Failed(Exception):
     """Something other than the stream ending went wrong: no failover, just an error."""
+
+
+class _ColoRefused(Exception):
+    """libxl without COLO refused the restore; `domid` is the domain it left behind."""
+
+    def __init__(self, domid: int | None) -> None:
+        super().__init__(domid)
+        self.domid = domid
 
 
 class Receiver:
@@ -67,6 +80,7 @@ class Receiver:
         self.send_fd = send_fd
         self.err = err
         self.digests = bool(physinfo.get("digests", False))
+        self.colo_built = bool(physinfo.get("colo", True))
         self.parser = StreamParser(capture_bodies=True)
         self.domid: int | None = None
         self.name = ""
@@ -110,6 +124,14 @@ class Receiver:
             reason = e.detail
         except _Failed as e:
             return self._creation_failed(str(e))
+        except _ColoRefused as e:
+            prefix = f"Domain {e.domid}:" if e.domid is not None else ""
+            self.err.write(
+                "libxl: error: libxl_no_colo.c:21:libxl__colo_restore_setup: "
+                f"{prefix}COLO is not supported\n"
+            )
+            self.err.write(f"migration target: Domain creation failed (code {ERROR_FAIL}).\n")
+            return 1
         if not reason:
             try:
                 self.parser.close()
@@ -164,6 +186,15 @@ class Receiver:
         except (ValueError, KeyError, TypeError) as e:
             raise _Failed(f"bad domain config in the stream: {e}") from e
         self.name = name
+        if self.mode == "colo" and not self.colo_built:
+            config["c_info"]["name"] = NAMELESS
+            try:
+                made = self.hc.call(
+                    "domain_create", config=config, paused=True, incoming=True, colo=False
+                )
+            except HypercallError:
+                raise _ColoRefused(None) from None  # e.g. another "(null)" is still there
+            raise _ColoRefused(int(made["domain"]["domid"]))
         config["c_info"]["name"] = f"{name}--incoming"
         info = self._call(
             "domain_create", config=config, paused=True, incoming=True, colo=self.mode == "colo"

@@ -15,6 +15,9 @@ Order of business, as xl_migrate.c, libxl_remus.c / libxl_colo_save.c and xg_sr_
 
 Output commit (simulator): in Remus with network buffering the output of epoch k leaves when
 the receiver acknowledges checkpoint k with an empty CHECKPOINT_END on the back channel.
+Checkpoints are numbered per `xl remus` run; setting up buffering starts an output session
+in which the guest's epochs count from 1 as well, and every commit names that session (see
+`xenha.sim.output`).
 """
 
 from __future__ import annotations
@@ -161,6 +164,8 @@ class Saver:
         self.digests = bool(physinfo.get("digests", False))
         self.colo_interval = float(physinfo.get("colo_interval", 5.0))
         self.checkpoints = 0
+        # The output session buffering started (None: output is not held).
+        self.output_session: int | None = None
         self.bytes = 0
         self._mm: mmap.mmap | None = None
         self._suspended = False
@@ -225,9 +230,9 @@ class Saver:
         )
         self._hc("logdirty", enable=True)
         if self.s.colo:
-            self._hc("output_mode", mode="colo")
+            self.output_session = self._hc("output_mode", mode="colo")["session"]
         elif self.s.netbuf:
-            self._hc("output_mode", mode="remus")
+            self.output_session = self._hc("output_mode", mode="remus")["session"]
         self._live_rounds()
         if self.s.colo:
             self._colo_loop()
@@ -270,6 +275,11 @@ class Saver:
             fields["crc"] = self._crc
         self._ledger("checkpoint_sent", **fields)
 
+    def commit_output(self, checkpoint: int) -> None:
+        """Release the output held for `checkpoint` of this run, if any is held."""
+        if self.output_session is not None:
+            self._hc("output_commit", checkpoint=checkpoint, session=self.output_session)
+
     def _ledger(self, kind: str, **fields: Any) -> None:
         fields.update(uuid=self.info["uuid"], name=self.s.ledger_name, domid=self.s.domid)
         with contextlib.suppress(HypercallError):
@@ -284,7 +294,7 @@ class Saver:
             self._checkpoint_end()
             if self.back is None:
                 # Blackhole: nobody can acknowledge; release when written, like real xl.
-                self._hc("output_commit", checkpoint=self.checkpoints)
+                self.commit_output(self.checkpoints)
             if self.back is not None and self.back.broken.wait(self.s.interval_ms / 1000):
                 raise TransportBroken(f"backup stopped acknowledging: {self.back.reason}")
             if self.back is None:
@@ -309,7 +319,7 @@ class Saver:
             self._resume()
             self.back.expect_state(CheckpointState.SVM_RESUMED)
             # Both copies now hold the same state: what the proxy held may leave.
-            self._hc("output_commit", checkpoint=self.checkpoints)
+            self.commit_output(self.checkpoints)
             self._hc("colo_wait", timeout=self.colo_interval)
             self._write([fmt.checkpoint_state_record(CheckpointState.NEW)])
 

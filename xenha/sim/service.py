@@ -21,12 +21,23 @@ MAX_LINE = 4096
 RequestHandler = Callable[[socket.socket, bytes], None]
 
 
-def pick_port(ip: str) -> int:
-    """A free TCP port on `ip`, for a guest created with service port 0."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((ip, 0))
-        port: int = s.getsockname()[1]
-        return port
+def reserve_port(ip: str) -> socket.socket:
+    """A free TCP port on `ip` for a guest created with service port 0, kept bound (not
+    listening: it takes no connections) for as long as the guest lives.
+
+    A port merely picked and released could be picked by another process too, and since
+    every copy binds with SO_REUSEPORT, two unrelated guests would then share it and
+    clients would reach either. Held like this, no other bind finds it free, while the
+    guest's own listener (SO_REUSEPORT as well) can come and go on it."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((ip, 0))
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 class Service:

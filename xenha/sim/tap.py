@@ -60,6 +60,7 @@ class StreamTap:
         self._lock = threading.Lock()
         self._limit: int | None = None
         self._hold_after: tuple[int, int] | None = None
+        self._keep_back = False
         self.held = threading.Event()
         # Set once the sender's transport and the receiver are both connected.
         self.connected = threading.Event()
@@ -75,9 +76,15 @@ class StreamTap:
         threading.Thread(target=self._accept, name="tap", daemon=True).start()
         return self
 
-    def hold_after_checkpoint(self, number: int, *, extra_bytes: int) -> None:
-        """Stop forwarding `extra_bytes` after checkpoint `number` completes."""
+    def hold_after_checkpoint(
+        self, number: int, *, extra_bytes: int, keep_back_channel: bool = False
+    ) -> None:
+        """Stop forwarding `extra_bytes` after checkpoint `number` completes. The back
+        channel stops with it (a cut), unless `keep_back_channel`: then the receiver's
+        acknowledgements of what it did get still reach the sender, which hears of no
+        checkpoint after `number`."""
         self._hold_after = (number, extra_bytes)
+        self._keep_back = keep_back_channel
 
     def wait_held(self, timeout: float) -> None:
         if not self.held.wait(timeout):
@@ -179,7 +186,7 @@ class StreamTap:
             with self._lock:
                 self.seen.back.extend((now, e) for e in events)
             self.seen.back_bytes += len(chunk)
-            if self.held.is_set():
+            if self.held.is_set() and not self._keep_back:
                 continue  # the held sender hears nothing more either
             try:
                 self._send_back(chunk)
