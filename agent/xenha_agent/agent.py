@@ -32,7 +32,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from xenha.api.models import FailoverRecord, NodeReplication, XenNodeStatus
+from xenha.api.models import FailoverRecord, Mode, NodeReplication, XenNodeStatus
 from xenha_agent import events as ev
 from xenha_agent import launch, state
 from xenha_agent.config import AgentSettings
@@ -46,10 +46,13 @@ from xenha_agent.fencing import (
     decide_active,
     decide_standby,
     margin,
+    renewal_fresh,
+    takeover_possible,
 )
 from xenha_agent.kube import (
     ApiError,
     KubeClient,
+    NotFound,
     Obj,
     Reflector,
     leases_path,
@@ -63,6 +66,8 @@ from xenha_agent.leases import (
     designate_standby,
     lease_holder,
     lease_standby,
+    reassert_holder,
+    resource_version,
     revoke_standby,
     transfer_fencing_lease,
 )
@@ -70,10 +75,12 @@ from xenha_agent.metrics import AgentMetrics, Health, HealthServer
 from xenha_agent.plan import (
     INCOMING_SUFFIX,
     ClearIncoming,
+    Guard,
     Launch,
     LocalReplicator,
     ReplicationView,
     Stop,
+    Unpause,
     plan,
     replication_view,
 )
@@ -82,18 +89,23 @@ from xenha_agent.replicator_client import (
     ReplicatorClient,
     ReplicatorError,
     ReplicatorUnavailable,
+    colo_message,
+    colo_refusal,
 )
 from xenha_agent.replicator_config import control_socket_path
 from xenha_agent.replicators import (
+    ColoRefused,
     Launcher,
     ReplicatorControl,
     ReplicatorLauncher,
     ReplicatorState,
     ReplicatorStatus,
     Role,
+    colo_refused_before,
     existing_uids,
     forget,
     parse_status,
+    save_colo_refusal,
     socket_alive,
 )
 from xenha_agent.report import NodeReporter, build_status, replication_entry
@@ -117,6 +129,20 @@ REPLICATOR_START_GRACE = 15.0
 # Why a guest is paused again: the record says fenced, xl says running (a crash between the
 # record and the pause, or a pause undone by someone else).
 FENCE_NOT_IN_PLACE = "FenceNotInPlace"
+
+# Event reason: a primary's guest paused by something other than our fence was unpaused
+# (plan.Unpause), or could not be (retried).
+GUEST_UNPAUSED = "GuestUnpaused"
+
+# Event reason: a self-fenced guest could not be resumed (retried; the guest stays paused).
+FENCE_LIFT_FAILED = "FenceLiftFailed"
+
+# A fencing write (or resume) that fails is tried again after 50 ms, doubling up to 1 s:
+# while the API is down the loop would otherwise retry (and log) on every pass. A pause that
+# fails is retried sooner: it is the safety action.
+RETRY_FIRST = 0.05
+RETRY_MAX = 1.0
+PAUSE_RETRY_MAX = 0.2
 
 # A standby's copy exists (incoming) in these states; fencing decides its fate.
 _STANDBY_STATES = frozenset(
@@ -145,6 +171,15 @@ class Attached:
     launched_at: float | None = None
     # It confirmed `degrade`: the output it held after the loss is released.
     degraded: bool = False
+
+
+@dataclass
+class Retry:
+    """A fencing action that keeps failing: when to try again, and what was logged."""
+
+    failures: int = 0
+    not_before: float = 0.0
+    error: str = ""
 
 
 class Agent:
@@ -199,6 +234,8 @@ class Agent:
         self.domains: dict[str, Domain] = {}
         self.info: XenInfo | None = None
         self.colo_supported: bool | None = None
+        # uid -> xl refused COLO for it here (not retried while the replication asks for COLO).
+        self.colo_refused: dict[str, ColoRefused] = {}
         self.actions: dict[str, asyncio.Task[None]] = {}
         self.peer_lost_seen: dict[str, float] = {}
         self.next_launch: dict[str, float] = {}
@@ -213,6 +250,11 @@ class Agent:
         self._domains_from = 0
         # Per replication: how many actions have completed (see Attached.seen_actions).
         self.completed: dict[str, int] = {}
+        # (uid, action) -> spacing of retries after failures (see RETRY_FIRST).
+        self.retries: dict[tuple[str, str], Retry] = {}
+        # uid -> resourceVersion a designation of ours was based on, when it got no answer:
+        # it may still land while the fencing Lease is at that version (leases.Cas).
+        self.designation_doubt: dict[str, str] = {}
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -316,7 +358,13 @@ class Agent:
         except (XlError, ValueError, OSError) as e:
             log.warning("xl info failed: %s", e)
         if self.colo_supported is None and self.info is not None:
-            self.colo_supported = await self.xl.supports_colo() and "hvm" in self.info.virt_caps
+            # `xl help remus` lists -c even where libxl is built without COLO (Debian): what
+            # xl said when it was asked for COLO before (see _note_refusals) overrides it.
+            if colo_refused_before(self.settings.run_dir, _xen_build(self.info)) is not None:
+                self.colo_supported = False
+            else:
+                caps = self.info.virt_caps
+                self.colo_supported = await self.xl.supports_colo() and "hvm" in caps
 
     async def _refresh_domains(self) -> None:
         self._listings += 1
@@ -436,15 +484,91 @@ class Agent:
             task = asyncio.create_task(reflector.run(), name=f"fence-lease-{namespace}-{name}")
             self.fence_leases[uid] = (reflector, task)
 
-    def _fence_lease(self, uid: str) -> FencingLease | None:
-        """The fencing Lease as last seen; None before the first read (or if it is gone)."""
+    def _fence_lease_object(self, uid: str) -> Obj | None:
         entry = self.fence_leases.get(uid)
         if entry is None or not entry[0].synced.is_set():
             return None
-        lease = next(iter(entry[0].items.values()), None)
+        return next(iter(entry[0].items.values()), None)
+
+    def _fence_lease(self, uid: str) -> FencingLease | None:
+        """The fencing Lease as last seen; None before the first read (or if it is gone)."""
+        lease = self._fence_lease_object(uid)
         if lease is None:
             return None
         return FencingLease(holder=lease_holder(lease), standby=lease_standby(lease))
+
+    def _designation_in_doubt(self, uid: str) -> bool:
+        """A designation of ours got no answer and may still land: the Lease is still at the
+        version it was based on. Any other version settles it (landed, and shown; or never)."""
+        base = self.designation_doubt.get(uid)
+        if base is None:
+            return False
+        lease = self._fence_lease_object(uid)
+        if lease is not None and resource_version(lease) != base:
+            del self.designation_doubt[uid]
+            return False
+        return True
+
+    def _fencing_due(self, uid: str) -> bool:
+        """The watchdog: this node runs the guest, unpaused, its host-Lease renewals are older
+        than D - margin, and a standby could take over. Checked on every pass, even while
+        another action on the replication is in flight (that action is then called off)."""
+        record = self.records.get(uid)
+        if record is None or record.fenced or not self.renewer.first_attempt.is_set():
+            return False
+        copy = self.domains.get(record.domain)
+        if copy is None or copy.paused:
+            return False
+        lease = self._fence_lease(uid)
+        if lease is not None and lease.holder not in (None, self.me):
+            return False  # not ours to pause: the ordinary decision destroys it
+        view = ActiveView(
+            now=self.clock(),
+            me=self.me,
+            lease_duration=self._lease_duration(uid),
+            peer_lost_at=None,
+            own_last_renewal=self.renewer.last_renewal,
+            lease=lease,
+            designation_in_doubt=self._designation_in_doubt(uid),
+        )
+        return not renewal_fresh(view) and takeover_possible(view)
+
+    def _renewal_fresh(self, uid: str) -> bool:
+        view = ActiveView(
+            now=self.clock(),
+            me=self.me,
+            lease_duration=self._lease_duration(uid),
+            peer_lost_at=None,
+            own_last_renewal=self.renewer.last_renewal,
+            lease=None,
+        )
+        return renewal_fresh(view)
+
+    # -- retries ----------------------------------------------------------------------------
+
+    def _may_try(self, uid: str, what: str) -> bool:
+        retry = self.retries.get((uid, what))
+        return retry is None or self.clock() >= retry.not_before
+
+    def _failed(self, uid: str, what: str, error: str, *, longest: float = RETRY_MAX) -> bool:
+        """Space the next attempt out; log when the failure starts or changes, not on every
+        attempt. True when this is news (a first failure, or a different one)."""
+        retry = self.retries.setdefault((uid, what), Retry())
+        retry.failures += 1
+        delay = min(RETRY_FIRST * 2 ** min(retry.failures - 1, 10), longest)
+        retry.not_before = self.clock() + delay
+        if error == retry.error:
+            return False
+        log.warning(
+            "uid=%s: %s failed: %s (retrying, at most %gs apart)", uid, what, error, longest
+        )
+        retry.error = error
+        return True
+
+    def _succeeded(self, uid: str, what: str) -> None:
+        retry = self.retries.pop((uid, what), None)
+        if retry is not None:
+            log.info("uid=%s: %s done after %d failed attempts", uid, what, retry.failures)
 
     # -- decisions --------------------------------------------------------------------------
 
@@ -457,8 +581,12 @@ class Agent:
         for uid in sorted(set(self._participating()) | set(self.replicators)):
             if uid not in self.actions and uid not in stale:
                 self._decide_fencing(uid)
+            elif uid not in self.actions and self._fencing_due(uid) and self._may_try(uid, "pause"):
+                # The status predates the last action; the pause needs none of it.
+                self._act(uid, self._fence(uid, "LeaseRenewalStale"), watchdog=False)
         # Not acted on this pass: an action runs, or its effect is not in a status read yet.
         busy = set(self.actions) | stale
+        self._note_refusals()
         local = {}
         for uid, att in self.replicators.items():
             st, record = att.status, self.records.get(uid)
@@ -475,12 +603,20 @@ class Agent:
                 st.state if st is not None else None,
                 st.peer_connected if st is not None else False,
                 settled,
+                st.reason if st is not None else None,
             )
         steps = plan(
             me=self.me,
             replications=self.views,
             replicators=local,
             domains={name: d.state for name, d in self.domains.items()},
+            guards={
+                uid: self._guard(uid)
+                for uid, view in self.views.items()
+                if uid not in self.replicators and view.role_of(self.me) is Role.PRIMARY
+            },
+            colo_supported=self.colo_supported,
+            colo_refused=set(self.colo_refused),
         )
         now = self.clock()
         for step in steps:
@@ -496,11 +632,130 @@ class Agent:
                 self._act(step.uid, self._stop(step.uid, step.reason))
             elif isinstance(step, ClearIncoming):
                 self._act(step.uid, self._destroy_domain(step.domain))
+            elif isinstance(step, Unpause) and self._may_try(step.uid, "unpause"):
+                self._act(step.uid, self._unpause_guest(step.uid, step.domain))
 
-    def _act(self, uid: str, coro: Coroutine[Any, Any, None]) -> None:
+    def _guard(self, uid: str) -> Guard:
+        """What the plan may know of fencing's view of a copy here (see plan.Guard)."""
+        lease, record = self._fence_lease(uid), self.records.get(uid)
+        return Guard(
+            holder=lease.holder if lease is not None else None,
+            standby=lease.standby if lease is not None else None,
+            renewal_fresh=self._renewal_fresh(uid),
+            fenced=record is not None and (record.fenced or record.handover_paused_at is not None),
+            recorded=record is not None,
+            designation_in_doubt=self._designation_in_doubt(uid),
+        )
+
+    def _note_refusals(self) -> None:
+        """Learn from replicators whose xl refused COLO: the replication is not retried
+        (until its mode changes) and, when this host's libxl lacks COLO, the XenNode says so
+        (xen.coloSupported: false), for good."""
+        for uid, att in self.replicators.items():
+            st = att.status
+            if st is None or st.colo_refused is None or uid in self.colo_refused:
+                continue
+            record = self.records.get(uid)
+            role = st.role or (record.role if record is not None else Role.PRIMARY)
+            self.colo_refused[uid] = ColoRefused(
+                role, st.colo_refused, colo_message(self.me, st.colo_refused)
+            )
+            log.warning("uid=%s: xl refused COLO; not retried: %s", uid, st.colo_refused)
+            if colo_refusal(st.colo_refused) == "host" and self.colo_supported is not False:
+                self.colo_supported = False
+                if self.info is not None:
+                    save_colo_refusal(
+                        self.settings.run_dir,
+                        xen_version=_xen_build(self.info),
+                        line=st.colo_refused,
+                    )
+                log.warning("this host's libxl lacks COLO (coloSupported: false)")
+            self.reporter.wake.set()
+        for uid, xr in self.views.items():
+            # Known before any xl was asked (after a restart, say): nothing starts, and the
+            # entry says why rather than that no replicator runs.
+            wanted = xr.role_of(self.me)
+            if (
+                self.colo_supported is False
+                and xr.spec.mode is Mode.COLO
+                and wanted is not None
+                and uid not in self.colo_refused
+                and uid not in self.replicators
+            ):
+                self.colo_refused[uid] = ColoRefused(
+                    wanted,
+                    "",
+                    f"{self.me} cannot run COLO (xen.coloSupported: false): not started; "
+                    "use mode remus",
+                )
+        for uid in list(self.colo_refused):
+            known = self.views.get(uid)
+            gone = known is None and self.xrs.synced.is_set()
+            if gone or (
+                known is not None
+                and (known.spec.mode is not Mode.COLO or not known.takes_part(self.me))
+            ):
+                del self.colo_refused[uid]  # deleted, moved, or no longer asking for COLO
+
+    async def _unpause_guest(self, uid: str, domain: str) -> None:
+        """The plan's Unpause: the primary's guest is paused, though not by a fence of ours,
+        and running it is safe. As for lifting a fence, first a write of the fencing Lease
+        that lands only while it is ours (a takeover in flight makes it fail), then unpause."""
+        record = self.records.get(uid)
+        if record is None or record.fenced:
+            return
+        got = await reassert_holder(
+            self.kube, record.namespace, record.fence_lease, self.me, wallclock=self.wallclock
+        )
+        if not got.won:
+            self._failed(uid, "unpause", f"fencing Lease: {got.outcome.value} {got.reason}")
+            return
+        error = await self._unpause(uid, record)
+        await self._refresh_domains()
+        if error is not None:
+            if self._failed(uid, "unpause", error):
+                await self._emit(
+                    uid, GUEST_UNPAUSED, f"{domain} stays paused: {error}; retrying", warning=True
+                )
+            return
+        self._succeeded(uid, "unpause")
+        await self._emit(
+            uid,
+            GUEST_UNPAUSED,
+            f"unpaused {domain} on {self.me}: paused, not by this agent's fence, while the "
+            "fencing Lease is ours and names no standby; it will be protected again",
+        )
+
+    def _act(self, uid: str, coro: Coroutine[Any, Any, None], *, watchdog: bool = True) -> None:
+        """Run one action on a replication; none other runs on it meanwhile.
+
+        `watchdog`: the action is called off as soon as the watchdog wants the guest paused
+        (see `_fencing_due`), so that no API call hanging on an unreachable server (10 s)
+        holds a pause up. Pauses and destroys themselves are never called off.
+        """
+
         async def guarded() -> None:
+            task = asyncio.ensure_future(coro)
             try:
-                await coro
+                while True:
+                    done, _ = await asyncio.wait({task}, timeout=min(self.settings.tick, 0.1))
+                    if done:
+                        task.result()
+                        break
+                    if watchdog and self._fencing_due(uid):
+                        log.warning(
+                            "uid=%s: %s called off: host-Lease renewals are stale, the guest "
+                            "is paused first",
+                            uid,
+                            getattr(coro, "__name__", "action"),
+                        )
+                        task.cancel()
+                        # Not `await task`: its CancelledError would hide our own.
+                        await asyncio.wait({task})
+                        break
+            except asyncio.CancelledError:
+                task.cancel()
+                raise
             except Exception:
                 log.exception("action on replication uid=%s failed", uid)
             finally:
@@ -568,9 +823,12 @@ class Agent:
             )
         )
         if decision.action is StandbyAction.ACQUIRE:
+            if not self._may_try(uid, "take over"):
+                return
             # A hand-over: the active gave us the Lease during a switchover it was asked for.
             planned = view is not None and view.switchover_target == self.me and holder == self.me
-            log.info("standby uid=%s: acquire (%s)", uid, decision.reason)
+            if (uid, "take over") not in self.retries:
+                log.info("standby uid=%s: acquire (%s)", uid, decision.reason)
             self._act(uid, self._activate(uid, judged=holder, planned=planned))
         elif decision.action is StandbyAction.DROP_COPY:
             log.info("standby uid=%s: drop copy (%s)", uid, decision.reason)
@@ -597,7 +855,8 @@ class Agent:
             state.save(self.settings.run_dir, record)
         if record.fenced and not copy.paused and holder in (self.me, None):
             # Recorded as fenced but running (the pause never happened): pause it now.
-            self._act(uid, self._fence(uid, FENCE_NOT_IN_PLACE))
+            if self._may_try(uid, "pause"):
+                self._act(uid, self._fence(uid, FENCE_NOT_IN_PLACE), watchdog=False)
             return
         primary = status is not None and status.role is Role.PRIMARY
         standby = view.standby_node if view is not None else None
@@ -616,13 +875,24 @@ class Agent:
                 and (status.peer_checkpoints or 0) > 0,
                 output_held=self._output_held(uid),
                 fenced=record.fenced,
+                designation_in_doubt=self._designation_in_doubt(uid),
             )
         )
         action = decision.action
+        retried = {
+            ActiveAction.DESTROY: "destroy",
+            ActiveAction.PAUSE: "pause",
+            ActiveAction.REVOKE: "revoke standby",
+            ActiveAction.DEGRADE: "degrade",
+            ActiveAction.RESUME: "resume",
+            ActiveAction.DESIGNATE: "designate standby",
+        }.get(action)
+        if retried is not None and not self._may_try(uid, retried):
+            return
         if action is ActiveAction.DESTROY:
-            self._act(uid, self._destroy(uid, holder))
+            self._act(uid, self._destroy(uid, holder), watchdog=False)
         elif action is ActiveAction.PAUSE:
-            self._act(uid, self._fence(uid, decision.reason))
+            self._act(uid, self._fence(uid, decision.reason), watchdog=False)
         elif action is ActiveAction.REVOKE:
             self._act(uid, self._revoke(uid))
         elif action is ActiveAction.DEGRADE:
@@ -631,7 +901,12 @@ class Agent:
             self._act(uid, self._resume(uid))
         elif action is ActiveAction.DESIGNATE and standby is not None and not handing_over:
             self._act(uid, self._designate(uid, standby))
-        elif handing_over and holder == self.me and standby is not None:
+        elif (
+            handing_over
+            and holder == self.me
+            and standby is not None
+            and self._may_try(uid, "hand over")
+        ):
             self._act(uid, self._hand_over(uid, standby))
 
     def _output_held(self, uid: str) -> bool:
@@ -694,9 +969,10 @@ class Agent:
         if judged != self.me:
 
             async def holder_silent() -> bool:
-                # The watch may lag, or have been cut off while the API was unreachable:
-                # one renewal we missed calls the takeover off.
-                if await self.hosts.recheck(judged):
+                # The watch may lag, or have been cut off while the API was unreachable, or
+                # have delivered a renewal since we decided: any renewal within the last D
+                # calls the takeover off.
+                if not await self.hosts.silent_for(judged, self._lease_duration(uid)):
                     log.info("uid=%s: %s renewed after all; no takeover", uid, judged)
                     return False
                 return True
@@ -710,6 +986,10 @@ class Agent:
                 holder_silent=holder_silent,
                 wallclock=self.wallclock,
             )
+            if got.outcome is Outcome.UNAVAILABLE:
+                self._failed(uid, "take over", f"{got.outcome.value} {got.reason}".strip())
+                return
+            self._succeeded(uid, "take over")
             if not got.won:
                 log.info("uid=%s: no takeover: %s %s", uid, got.outcome.value, got.reason)
                 if got.outcome is Outcome.LOST and got.holder not in (None, self.me):
@@ -722,7 +1002,12 @@ class Agent:
                 return
         else:
             # The Lease named us when we decided; a fresh read must say so too.
-            lease = await self.kube.get(leases_path(record.namespace, record.fence_lease))
+            try:
+                lease = await self.kube.get(leases_path(record.namespace, record.fence_lease))
+            except ApiError as e:
+                self._failed(uid, "take over", f"fencing Lease unreadable: {e}")
+                return
+            self._succeeded(uid, "take over")
             if lease_holder(lease) != self.me:
                 return
         # Whom we take over from: the holder we judged; when the Lease named us already (a
@@ -767,22 +1052,55 @@ class Agent:
         got = await designate_standby(
             self.kube, record.namespace, record.fence_lease, self.me, standby
         )
+        if got.outcome is Outcome.UNAVAILABLE:
+            if got.in_doubt_at is not None:
+                # Sent, unanswered: until the Lease moves past the version this write was
+                # conditional on, a standby may be named without our knowing it.
+                self.designation_doubt[uid] = got.in_doubt_at
+            self._failed(uid, "designate standby", f"{got.outcome.value} {got.reason}".strip())
+            return
+        self.designation_doubt.pop(uid, None)
+        self._succeeded(uid, "designate standby")
         if got.won:
             log.info("uid=%s: %s designated as the valid standby", uid, standby)
+        else:
+            log.info("uid=%s: designate %s: %s %s", uid, standby, got.outcome.value, got.reason)
 
     async def _revoke(self, uid: str) -> None:
         """The stream is lost: make any takeover impossible before the output is released."""
         record = self.records[uid]
-        got = await revoke_standby(self.kube, record.namespace, record.fence_lease, self.me)
-        log.info("uid=%s: revoke standby: %s %s", uid, got.outcome.value, got.reason)
-        # LOST: the next pass reads the new holder and destroys this copy.
+        # A designation in doubt is killed by any write that moves the Lease on.
+        in_doubt = self._designation_in_doubt(uid)
+        got = await revoke_standby(
+            self.kube,
+            record.namespace,
+            record.fence_lease,
+            self.me,
+            touch=in_doubt,
+            wallclock=self.wallclock,
+        )
+        if got.outcome is Outcome.UNAVAILABLE:
+            self._failed(uid, "revoke standby", f"{got.outcome.value} {got.reason}".strip())
+            return
+        self._succeeded(uid, "revoke standby")
+        if got.won:
+            self.designation_doubt.pop(uid, None)
+            log.info("uid=%s: standby revoked: no takeover is possible any more", uid)
+        else:
+            # LOST: the next pass reads the new holder and destroys this copy.
+            log.info("uid=%s: revoke standby: %s %s", uid, got.outcome.value, got.reason)
 
     async def _degrade(self, uid: str) -> None:
         """Release the output the replicator held: the guest runs on, unprotected."""
         att = self.replicators.get(uid)
         if att is None:
             return
-        await att.client.request({"op": "degrade"})
+        try:
+            await att.client.request({"op": "degrade"})
+        except (ReplicatorError, ReplicatorUnavailable) as e:
+            self._failed(uid, "degrade", str(e))
+            return
+        self._succeeded(uid, "degrade")
         att.degraded = True
         record = self.records[uid]
         await self._emit(
@@ -813,25 +1131,36 @@ class Agent:
             warning=True,
         )
 
-    async def _pause(self, uid: str, record: CopyRecord) -> None:
-        """Pause the guest once: through a primary replicator (which will not pause twice),
-        else with xl. Then list the domains again: every decision after a pause must see it
-        (a guest recorded as fenced but listed as running is paused again, as a fence that
-        is not in place)."""
+    async def _pause(self, uid: str, record: CopyRecord) -> bool:
+        """Pause the guest once: through a primary replicator (which checks that it will
+        not pause twice), else with xl; then check with xl that it is paused. Then list the
+        domains again: every decision after a pause must see it (a guest recorded as fenced
+        but listed as running is paused again, as a fence that is not in place).
+        True when the listing shows the guest paused (or gone)."""
         try:
             att = self.replicators.get(uid)
             if att is not None and att.status is not None and att.status.role is Role.PRIMARY:
                 try:
                     reply = await att.client.fence()
-                    if reply.get("pauseExit", 0) == 0:
-                        return
+                    if reply.get("pauseExit", 0) != 0:
+                        log.warning(
+                            "uid=%s: replicator's xl pause exited %s; pausing with xl",
+                            uid,
+                            reply.get("pauseExit"),
+                        )
                 except (ReplicatorError, ReplicatorUnavailable) as e:
                     log.warning("uid=%s: replicator could not fence (%s); pausing with xl", uid, e)
+            # xl pause nests: pause only what xl shows running (`--pss-`, paused mid-checkpoint,
+            # reads as paused).
             domain = await self.xl.domain(record.domain)
             if domain is not None and not domain.paused:
                 await self.xl.pause(record.domain)
+        except XlError as e:
+            log.warning("uid=%s: xl could not pause %s: %s", uid, record.domain, e)
         finally:
             await self._refresh_domains()
+        copy = self.domains.get(record.domain)
+        return copy is None or copy.paused
 
     async def _fence(self, uid: str, reason: str) -> None:
         record = self.records[uid]
@@ -839,13 +1168,17 @@ class Agent:
         # loop pauses a running guest, never the other way round.
         record.fenced = True
         state.save(self.settings.run_dir, record)
-        await self._pause(uid, record)
+        if not await self._pause(uid, record):
+            # Still running: FenceNotInPlace on the next passes, spaced and logged once.
+            self._failed(uid, "pause", "the guest still runs", longest=PAUSE_RETRY_MAX)
+            return
+        self._succeeded(uid, "pause")
         self.metrics.fences.labels(record.namespace, record.name, "pause").inc()
         if reason == FENCE_NOT_IN_PLACE:
             why = "it was recorded as fenced but found running"
         else:
             stale = record.lease_duration - margin(record.lease_duration)
-            why = f"peer lost and no host Lease renewal for {stale:g}s"
+            why = f"no host Lease renewal for {stale:g}s and a standby could take over"
         await self._emit(
             uid,
             ev.SELF_FENCED,
@@ -854,18 +1187,32 @@ class Agent:
         )
 
     async def _resume(self, uid: str) -> None:
-        """Lift our own fence: the Lease is ours and names no standby (or the stream is up)."""
+        """Lift our own fence: renewals are fresh and the fencing Lease is ours.
+
+        First a write of the fencing Lease that lands only while it is ours: a standby that
+        judged us silent may have its takeover in flight, and this write makes exactly one of
+        the two land. Then unpause (the replicator first: its own watchdog trusts its flag),
+        and check with xl. A failure leaves the guest paused and is retried, spaced out.
+        """
         record = self.records[uid]
-        att = self.replicators.get(uid)
-        if att is not None and att.status is not None and att.status.role is Role.PRIMARY:
-            with contextlib.suppress(ReplicatorError, ReplicatorUnavailable):
-                await att.client.unfence()
-        # Unpause until it runs: a pause of unknown origin must not leave it stuck.
-        for _ in range(3):
-            domain = await self.xl.domain(record.domain)
-            if domain is None or not domain.paused:
-                break
-            await self.xl.unpause(record.domain)
+        got = await reassert_holder(
+            self.kube, record.namespace, record.fence_lease, self.me, wallclock=self.wallclock
+        )
+        if not got.won:
+            # LOST: the next pass reads the new holder and destroys this copy.
+            self._failed(uid, "resume", f"fencing Lease: {got.outcome.value} {got.reason}".strip())
+            return
+        error = await self._unpause(uid, record)
+        if error is not None:
+            if self._failed(uid, "resume", error):
+                await self._emit(
+                    uid,
+                    FENCE_LIFT_FAILED,
+                    f"{record.domain} stays paused on {self.me}: {error}; retrying",
+                    warning=True,
+                )
+            return
+        self._succeeded(uid, "resume")
         record.fenced = False
         state.save(self.settings.run_dir, record)
         await self._refresh_domains()
@@ -873,8 +1220,64 @@ class Agent:
             uid, ev.FENCE_LIFTED, f"resumed {record.domain}: the fencing Lease is still ours"
         )
 
+    async def _unpause(self, uid: str, record: CopyRecord) -> str | None:
+        """Unpause the guest; None when xl shows it running, else why not."""
+        stale = "host-Lease renewals went stale again"
+        if not self._renewal_fresh(uid):
+            return stale
+        att = self.replicators.get(uid)
+        if att is not None and att.status is not None and att.status.role is Role.PRIMARY:
+            try:
+                # With the renewal it may rely on: it refuses to unpause on stale news.
+                reply = await att.client.request(
+                    {
+                        "op": "unfence",
+                        "lastRenewedMonotonic": self.renewer.last_renewal,
+                        "durationS": self._lease_duration(uid),
+                    }
+                )
+            except (ReplicatorError, ReplicatorUnavailable) as e:
+                return f"the replicator did not unfence: {e}"
+            if reply.get("unpauseExit", 0) != 0:
+                return f"the replicator's xl unpause exited {reply.get('unpauseExit')}"
+        # Unpause until it runs: a pause of unknown origin (or a nested one) must not leave it
+        # stuck.
+        try:
+            for _ in range(3):
+                domain = await self.xl.domain(record.domain)
+                if domain is None or not domain.paused:
+                    return None
+                if not self._renewal_fresh(uid):
+                    return stale
+                await self.xl.unpause(record.domain)
+            domain = await self.xl.domain(record.domain)
+        except XlError as e:
+            return f"xl: {e}"
+        if domain is None or not domain.paused:
+            return None
+        return "still paused after three unpauses"
+
     async def _destroy(self, uid: str, holder: str | None) -> None:
         record = self.records[uid]
+        # Last look, destroying being final: the Lease as watched may lag our own takeover
+        # (a copy just activated here). Unreadable: pause the copy instead, which is as safe
+        # and can be undone, and destroy once the Lease can be read.
+        try:
+            lease = await self.kube.get(leases_path(record.namespace, record.fence_lease))
+        except NotFound:
+            pass
+        except ApiError as e:
+            self._failed(uid, "destroy", f"fencing Lease unreadable: {e}")
+            copy = self.domains.get(record.domain)
+            if copy is not None and not copy.paused and not record.fenced:
+                await self._fence(uid, "LeaseHeldElsewhere")
+            return
+        else:
+            holder = lease_holder(lease)
+            if holder in (self.me, None):
+                log.info("uid=%s: the fencing Lease names %s after all; copy kept", uid, holder)
+                return
+        self._succeeded(uid, "destroy")
         await self._destroy_domain(record.domain)
         record.fenced = False
         record.handover_paused_at = None
@@ -934,6 +1337,10 @@ class Agent:
         got = await transfer_fencing_lease(
             self.kube, record.namespace, record.fence_lease, self.me, to, wallclock=self.wallclock
         )
+        if got.outcome is Outcome.UNAVAILABLE:
+            self._failed(uid, "hand over", f"{got.outcome.value} {got.reason}".strip())
+            return
+        self._succeeded(uid, "hand over")
         log.info(
             "uid=%s: switchover: hand the fencing Lease to %s: %s %s",
             uid,
@@ -1023,7 +1430,8 @@ class Agent:
     def _entries(self) -> list[NodeReplication]:
         now = self.wallclock()
         entries = []
-        for uid in sorted(set(self.records) | set(self.replicators)):
+        refused = {uid for uid in self.colo_refused if uid in self.views}
+        for uid in sorted(set(self.records) | set(self.replicators) | refused):
             att = self.replicators.get(uid)
             entry = replication_entry(
                 uid=uid,
@@ -1032,6 +1440,7 @@ class Agent:
                 status=att.status if att else None,
                 domains=self.domains,
                 now=now,
+                refused=self.colo_refused.get(uid),
             )
             if entry is not None:
                 entries.append(entry)
@@ -1081,3 +1490,8 @@ class Agent:
                 bytes_per_second=cp.bytes_per_second if cp else None,
             )
         self.metrics.forget_others(keep)
+
+
+def _xen_build(info: XenInfo) -> str:
+    """Xen's version with its extra (4.17 + .5-1): what a libxl upgrade may change."""
+    return info.version + info.fields.get("xen_extra", "")

@@ -22,18 +22,26 @@ standby (holds the incoming copy), in order:
   - otherwise                                       -> wait
 active (runs the guest), in order:
   - fencing Lease names another node                -> destroy (someone else won)
+  - the watchdog, whatever the stream does: renewals older than D - margin (or none), not
+    paused yet, and a standby may take over (the annotation names one, the Lease is
+    unread, or a designation of ours is in doubt)   -> pause (self-fence)
   - peer lost:
-      renewals older than D - margin (or none), not paused yet, and a valid standby may
-      exist                                         -> pause (self-fence)
-      `xenha.io/standby` names a node               -> revoke (CAS: remove it)
+      `xenha.io/standby` names a node (or may)      -> revoke (CAS: remove it)
       the replicator still holds xl's output        -> degrade (release it: only after the
                                                        revoke made any takeover impossible)
-      paused by us, renewals fresh, Lease ours      -> resume
+      paused by us, renewals fresh, Lease ours      -> resume (after a CAS of the Lease)
   - peer connected:
-      paused by us, renewals fresh, Lease ours      -> resume
-      the standby acknowledged a checkpoint and is not designated
-                                                    -> designate (CAS: name it)
+      paused by us, renewals fresh, Lease ours      -> resume (after a CAS of the Lease)
+      the standby acknowledged a checkpoint and is not designated, renewals fresh
+                                                    -> designate (CAS: name it; never while
+                                                       stale: it would open a takeover)
   - otherwise                                       -> keep
+
+Why the watchdog ignores the stream: a standby acts as soon as *it* sees the stream end, and
+by then it may have seen the holder's host Lease unchanged for D already (the active cut off
+from the API only). The active sees the same loss at about the same time, so a pause that
+waits for the loss races the activation. Paused at send + D - margin, the active is still
+before the earliest takeover (observation + D >= send + D) whenever the stream ends.
 """
 
 from __future__ import annotations
@@ -164,6 +172,9 @@ class ActiveView:
     output_held: bool = False
     # This agent has paused the guest to fence it (and not resumed it since).
     fenced: bool = False
+    # A designation of ours may land although the Lease as read does not show it (the write
+    # got no answer, and the Lease has not changed since the read it was based on).
+    designation_in_doubt: bool = False
 
 
 def renewal_fresh(v: ActiveView) -> bool:
@@ -172,18 +183,24 @@ def renewal_fresh(v: ActiveView) -> bool:
     return v.now - v.own_last_renewal <= v.lease_duration - margin(v.lease_duration)
 
 
+def takeover_possible(v: ActiveView) -> bool:
+    """Whether a standby could win the fencing Lease from us: only a designated one can, and
+    a Lease we could not read, or a designation in doubt, counts as designated."""
+    return v.lease is None or v.lease.standby is not None or v.designation_in_doubt
+
+
 def decide_active(v: ActiveView) -> Decision[ActiveAction]:
     holder = v.lease.holder if v.lease is not None else None
     if holder is not None and holder != v.me:
         return Decision(ActiveAction.DESTROY, "LeaseHeldElsewhere")
     fresh = renewal_fresh(v)
     ours = holder == v.me
+    designated = takeover_possible(v)
+    # The watchdog comes before anything that depends on the stream (see the module doc).
+    if not fresh and not v.fenced and designated:
+        return Decision(ActiveAction.PAUSE, "LeaseRenewalStale")
     if v.peer_lost_at is not None:
-        # A standby may take over only while the annotation names it; unknown counts as may.
-        designated = v.lease.standby if v.lease is not None else "unknown"
-        if not fresh and not v.fenced and designated is not None:
-            return Decision(ActiveAction.PAUSE, "LeaseRenewalStale")
-        if ours and designated is not None:
+        if ours and designated:
             return Decision(ActiveAction.REVOKE, "PeerLost")
         if ours and v.output_held:
             return Decision(ActiveAction.DEGRADE, "StandbyRevoked")
@@ -196,6 +213,7 @@ def decide_active(v: ActiveView) -> Decision[ActiveAction]:
         return Decision(ActiveAction.KEEP, "Fenced")
     if (
         ours
+        and fresh
         and v.standby is not None
         and v.standby_has_checkpoint
         and v.lease is not None

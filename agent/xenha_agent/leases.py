@@ -5,7 +5,9 @@
 - `HostLeaseWatcher` remembers, per node, when this agent last saw that node's host Lease
   change (client-go style: by our own clock, never by comparing renewTime with our wall clock).
 - `acquire_fencing_lease` moves a fencing Lease to this node with a resourceVersion
-  precondition, so of two racing writers exactly one wins.
+  precondition, so of two racing writers exactly one wins; `revoke_standby`,
+  `designate_standby`, `reassert_holder` (before a self-fenced active resumes) and
+  `transfer_fencing_lease` are the holder's writes, under the same precondition.
 """
 
 from __future__ import annotations
@@ -97,6 +99,8 @@ class HostLeaseRenewer:
         # Monotonic send time of the last renewal the API server accepted.
         self.last_renewal: float | None = None
         self.last_error: str | None = None
+        # Failed attempts since the last success.
+        self.failures = 0
         # Set once the first attempt finished, successful or not: the active side decides
         # nothing before, so a restarted agent does not fence on a missing first renewal.
         self.first_attempt = asyncio.Event()
@@ -125,13 +129,19 @@ class HostLeaseRenewer:
         try:
             await self._renew(request_timeout)
         except ApiError as e:
+            # Logged when the failure starts or changes, not on every attempt of an outage.
+            if str(e) != self.last_error:
+                log.warning("host lease renewal failed: %s", e)
             self.last_error = str(e)
+            self.failures += 1
             self.first_attempt.set()
-            log.warning("host lease renewal failed: %s", e)
             self.on_renewed(False)
             return False
+        if self.failures:
+            log.info("host lease renewed again after %d failed attempts", self.failures)
         self.last_renewal = sent
         self.last_error = None
+        self.failures = 0
         self.first_attempt.set()
         self.on_renewed(True)
         return True
@@ -277,6 +287,19 @@ class HostLeaseWatcher:
             return False
         return self.record(node, _lease_version(obj))
 
+    async def silent_for(self, node: str, duration: float) -> bool:
+        """The last look before a takeover: read `node`'s host Lease now, and whether it has
+        still not changed for `duration` by our clock.
+
+        Not just "did this read change it": the watch may have delivered a renewal after the
+        decision to take over was made, and that renewal must call the takeover off too.
+        """
+        await self.recheck(node)
+        observation = self.observation(node)
+        if observation is None:
+            return False
+        return self.clock() - observation.unchanged_since >= duration
+
     async def run(self) -> None:
         await self.reflector.run()
 
@@ -316,6 +339,10 @@ class Cas:
     holder: str | None
     lease: Obj | None = field(default=None, repr=False)
     reason: str = ""
+    # UNAVAILABLE after the write was sent: it may still land (a request can reach the API
+    # server long after the client gave up on it), but only while the Lease is still at
+    # this resourceVersion, the one the write is conditional on.
+    in_doubt_at: str | None = None
 
     @property
     def won(self) -> bool:
@@ -395,9 +422,16 @@ async def _cas(
             return Cas(Outcome.UNAVAILABLE, None, reason="conflict, then no read")
         return Cas(Outcome.LOST, lease_holder(current), current, reason="conflict")
     except ApiError as e:
-        # The write may or may not have landed; the next read tells.
-        return Cas(Outcome.UNAVAILABLE, None, reason=str(e))
+        # The write may or may not have landed, or land later; see Cas.in_doubt_at.
+        return Cas(Outcome.UNAVAILABLE, None, reason=str(e), in_doubt_at=resource_version(lease))
     return Cas(Outcome.DONE, lease_holder(written), written)
+
+
+def resource_version(obj: Obj | None) -> str | None:
+    if not obj:
+        return None
+    rv = (obj.get("metadata") or {}).get("resourceVersion")
+    return str(rv) if rv else None
 
 
 def _transition(lease: Obj, to: str, now: str) -> Obj:
@@ -451,20 +485,55 @@ async def acquire_fencing_lease(
     return result
 
 
-async def revoke_standby(kube: KubeClient, namespace: str, name: str, me: str) -> Cas:
+async def revoke_standby(
+    kube: KubeClient,
+    namespace: str,
+    name: str,
+    me: str,
+    *,
+    touch: bool = False,
+    wallclock: WallClock = _utcnow,
+) -> Cas:
     """The active lost its stream: remove the annotation, keep holding the Lease.
 
     Once this has landed no standby can take over (its CAS needs the annotation), so the
     replicator may release the output it held. LOST: someone else holds the Lease.
+    `touch`: write even if the annotation is absent (a new resourceVersion), so that a
+    designation of ours still in flight can never land after this.
     """
 
     def mutate(lease: Obj) -> Obj | str | None:
         holder = lease_holder(lease)
         if holder != me:
             return f"held by {holder}"
+        spec = dict(lease.get("spec") or {})
         if lease_standby(lease) is None:
-            return None
-        return _with(lease, spec=dict(lease.get("spec") or {}), standby=None)
+            if not touch:
+                return None
+            spec["renewTime"] = micro_time(wallclock())
+        return _with(lease, spec=spec, standby=None)
+
+    return await _cas(kube, namespace, name, mutate, me=me)
+
+
+async def reassert_holder(
+    kube: KubeClient, namespace: str, name: str, me: str, *, wallclock: WallClock = _utcnow
+) -> Cas:
+    """Before a self-fenced active resumes: a write that only lands while we hold the Lease.
+
+    It moves the Lease to a new resourceVersion (renewTime := now, all else kept), so a
+    takeover CAS based on an earlier read fails (409), and a takeover that landed first makes
+    this one fail (LOST). Without it a resume could pass a standby's takeover in flight: the
+    standby judged us silent, our renewals came back, and both copies would run.
+    """
+
+    def mutate(lease: Obj) -> Obj | str | None:
+        holder = lease_holder(lease)
+        if holder != me:
+            return f"held by {holder}"
+        spec = dict(lease.get("spec") or {})
+        spec["renewTime"] = micro_time(wallclock())
+        return _with(lease, spec=spec, standby=lease_standby(lease))
 
     return await _cas(kube, namespace, name, mutate, me=me)
 

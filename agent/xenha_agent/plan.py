@@ -11,6 +11,16 @@ The operator decides roles (`status.activeNode` / `standbyNode`); the agent only
 - a replicator that finished (Stopped, Failed, Dropped), or a primary whose stream broke, is
   stopped so that a new one seeds again (the agent spaces relaunches out) — the primary only
   once a host-Lease renewal after the loss has settled that the standby will not take over;
+- a primary whose guest is paused, not by this agent's own fence or hand-over (those are
+  fencing's to lift) but by anything else (its replicator's self-fence the agent never
+  adopted, an activation whose unpause failed, an admin), is unpaused once running it is
+  safe, and replicated after: the fencing Lease names this node and no standby (nobody can
+  take over, and nothing must be held back for one), the host Lease was renewed in time (so
+  that view of the fencing Lease is current), and this agent protected the copy before (a
+  guest paused before it was ever protected stays as its owner left it);
+- COLO is not started where xl refused it for good (`libxl` without COLO, or a guest COLO
+  cannot replicate): no relaunch loop, the refusal is reported instead (the guest runs on,
+  unprotected, and is unpaused like any other);
 - no roles at all while the replication is suspended or has no standby.
 
 Fencing (fencing.py) is decided separately and first: whether a copy may *run* never waits
@@ -20,7 +30,7 @@ for this plan, and this plan never starts a replica next to a copy that still ru
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +38,7 @@ from pydantic import ValidationError
 
 from xenha.api.models import (
     FailoverRecord,
+    Mode,
     Phase,
     SwitchoverState,
     XenReplication,
@@ -133,10 +144,43 @@ class LocalReplicator:
     # (which judges that Lease) can no longer take over. Until then this replicator is what
     # pauses the guest should the agent die too; it must not be stopped.
     settled: bool = True
+    # Its CamelCase reason (why it failed, say).
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
+class Guard:
+    """What fencing knows about this node's right to run a replication's guest."""
+
+    # The fencing Lease's holder and `xenha.io/standby` as last read (None: unread / none).
+    holder: str | None
+    standby: str | None = None
+    # This node's last host-Lease renewal is within D - margin.
+    renewal_fresh: bool = False
+    # Paused by this agent (a fence, a switchover's hand-over): only fencing lifts that.
+    fenced: bool = False
+    # The agent has a record of its copy: it protected this guest here before.
+    recorded: bool = False
+    # A designation of ours got no answer: a standby may be named without our knowing it.
+    designation_in_doubt: bool = False
+
+    def may_run(self, me: str) -> bool:
+        """Running the guest here is safe: nobody else holds it or could take it over."""
+        return (
+            self.holder == me
+            and self.standby is None
+            and not self.designation_in_doubt
+            and self.renewal_fresh
+        )
 
 
 # A replicator in one of these is done: stop it so that a fresh one can seed again.
 FINISHED = frozenset({ReplicatorState.STOPPED, ReplicatorState.FAILED, ReplicatorState.DROPPED})
+
+# Reasons a finished replicator gives that say more than "Finished" (for the stop's Event).
+SEEDING_FAILED = "SeedingFailed"
+COLO_UNSUPPORTED = "ColoUnsupported"
+_TELLING = frozenset({SEEDING_FAILED, COLO_UNSUPPORTED})
 
 
 @dataclass(frozen=True)
@@ -159,7 +203,15 @@ class ClearIncoming:
     domain: str
 
 
-Step = Launch | Stop | ClearIncoming
+@dataclass(frozen=True)
+class Unpause:
+    """Unpause the primary's guest, paused by something other than this agent's fence."""
+
+    uid: str
+    domain: str
+
+
+Step = Launch | Stop | ClearIncoming | Unpause
 
 
 def plan(
@@ -168,11 +220,18 @@ def plan(
     replications: Mapping[str, ReplicationView],
     replicators: Mapping[str, LocalReplicator],
     domains: Mapping[str, str],
+    guards: Mapping[str, Guard] | None = None,
+    colo_supported: bool | None = None,
+    colo_refused: Collection[str] = (),
 ) -> list[Step]:
     """Steps that bring this node's replicators in line with the API.
 
-    `domains` maps each local domain name to its state as `xl list` reports it.
+    `domains` maps each local domain name to its state as `xl list` reports it; `guards`
+    what fencing knows per replication (none: nothing is unpaused); `colo_supported` whether
+    this host can run COLO (False: as found, or as xl said); `colo_refused` replications
+    whose COLO xl refused here.
     """
+    guards = guards or {}
     steps: list[Step] = []
     for uid, rep in sorted(replicators.items()):
         view = replications.get(uid)
@@ -182,7 +241,7 @@ def plan(
         wanted = view.role_of(me)
         if wanted is rep.role:
             if rep.state in FINISHED:
-                steps.append(Stop(uid, "Finished"))
+                steps.append(Stop(uid, rep.reason if rep.reason in _TELLING else "Finished"))
             elif (
                 rep.role is Role.PRIMARY
                 and rep.state is ReplicatorState.DEGRADED
@@ -205,9 +264,22 @@ def plan(
         if uid in replicators:
             continue
         wanted = view.role_of(me)
+        # xl would refuse it again: a retry would be a loop, not a recovery.
+        refused = view.spec.mode is Mode.COLO and (colo_supported is False or uid in colo_refused)
         if wanted is Role.PRIMARY:
-            if domains.get(view.domain) == "running":
-                steps.append(Launch(uid, Role.PRIMARY))
+            state = domains.get(view.domain)
+            guard = guards.get(uid)
+            if state == "running":
+                if not refused:
+                    steps.append(Launch(uid, Role.PRIMARY))
+            elif (
+                state == "paused"
+                and guard is not None
+                and guard.recorded
+                and not guard.fenced
+                and guard.may_run(me)
+            ):
+                steps.append(Unpause(uid, view.domain))
         elif wanted is Role.SECONDARY:
             if view.domain in domains:
                 # A copy is still here (the old active after a failover): never receive next
@@ -215,6 +287,6 @@ def plan(
                 continue
             if view.domain + INCOMING_SUFFIX in domains:
                 steps.append(ClearIncoming(uid, view.domain + INCOMING_SUFFIX))
-            else:
+            elif not refused:
                 steps.append(Launch(uid, Role.SECONDARY))
     return steps

@@ -12,12 +12,18 @@ Primary:  bind `<uid>.xl.sock`, dial the peer (retrying until connectTimeoutS), 
           stays held and nothing the standby lacks reaches a client. The agent first makes a
           takeover impossible (fencing Lease), then sends `degrade`: the transport closes, xl
           prints "Backup failed? resuming domain at primary" and the guest runs unprotected
-          (Degraded). Self-fence (xl pause) if the agent's lease renewals stop too.
+          (Degraded). Self-fence (xl pause) once the agent's last host-Lease renewal is
+          older than D - margin, whether the stream is alive or not (see _self_fence_reason).
 Secondary: receive the peer's connection (node listener handoff, or a port of its own),
           handshake, start `xl migrate-receive -r|--colo -e` on pipes and relay. Stream lost:
           keep stdin open (closing it is xl's own failover), report PeerLost, and wait for
           `activate` (close stdin: xl restores the last complete checkpoint) or `drop`
-          (SIGKILL migrate-receive first, then `xl destroy <dom>--incoming`).
+          (SIGKILL migrate-receive first, then `xl destroy <dom>--incoming`). Lost before the
+          first complete checkpoint, the replica holds nothing to activate: it is destroyed
+          the same way at once, and the replicator ends Failed (SeedingFailed).
+Both:     xl refusing COLO ("COLO is not supported": libxl built without it; "COLO only
+          supports HVM") ends the replicator Failed (ColoUnsupported) with `coloRefused` in
+          its status; a receiver first destroys the nameless domain xl leaves behind.
 
 One replicator serves one session: after the stream is lost it never reconnects (the stream
 cannot be resumed mid-way); re-protection is a new replicator.
@@ -65,10 +71,14 @@ from xenha_agent.replicator_client import (
     ReplicatorStatus,
     ReplicatorUnavailable,
     State,
+    colo_message,
+    colo_refusal,
+    logged_domid,
     request_sync,
 )
 from xenha_agent.replicator_config import ConfigError, ReplicatorConfig
 from xenha_agent.tls import server_context
+from xenha_agent.xen.xl import XlOutputError, parse_list
 
 log = logging.getLogger("xenha.replicator")
 
@@ -104,6 +114,13 @@ class Replicator:
         self._peer_lost_at: float | None = None
         self._peer_said: str | None = None  # "stop" / "eof" from the peer's CONTROL frames
         self.xl: subprocess.Popen[bytes] | None = None
+        self._output_reader: threading.Thread | None = None
+        # The line in which xl refused COLO (replicator_client.colo_refusal), if it did.
+        self._colo_refused: str | None = None
+        # Secondary: the replica was destroyed after the stream broke during seeding.
+        self._replica_discarded = False
+        # Secondary: the domain a refused COLO restore left behind was dealt with.
+        self._refused_domain_cleared = False
         self._xl_exit: int | None = None
         self._xl_done = threading.Event()
         self._transport: socket.socket | None = None  # primary: the pipe's connection
@@ -156,7 +173,10 @@ class Replicator:
                 "reason": self._reason,
                 "message": self._message,
                 "pid": os.getpid(),
-                "peerConnected": link is not None and link.connected,
+                # Lost only once _peer_lost has run: the state it sets (PeerLost, or a seeding
+                # standby's cleanup) comes with it, never a lost peer in a state from before.
+                "peerConnected": link is not None
+                and (link.connected or self._peer_lost_at is None),
                 "everConnected": self._ever_connected,
                 "peerLostMonotonic": self._peer_lost_at,
                 "lastHeartbeatAgeMs": beat_age,
@@ -170,6 +190,7 @@ class Replicator:
                 "xlOutput": list(self._output),
                 "fenced": self._fenced,
                 "outputHeld": self._output_held if self.config.role == "primary" else None,
+                "coloRefused": self._colo_refused,
                 "lease": lease,
                 "events": list(self._events),
             }
@@ -217,18 +238,29 @@ class Replicator:
             for marker, event in _XL_MARKERS.items():
                 if marker in line:
                     self._event(event, line)
+            if colo_refusal(line) is not None and self._colo_refused is None:
+                with self._lock:
+                    self._colo_refused = line
+                self._event("xl-colo-unsupported", line)
         stream.close()
 
     def _watch_xl(self, proc: subprocess.Popen[bytes], on_exit: Callable[[int], None]) -> None:
         code = proc.wait()
+        reader = self._output_reader
+        if reader is not None:
+            # Its last words (why it gave up) decide what the exit means. A child of xl that
+            # inherited the stream (the transport) may keep it open a little longer.
+            reader.join(2.0)
         with self._lock:
             self._xl_exit = code
         self._event("xl-exited", f"exit status {code}")
         self._xl_done.set()
         on_exit(code)
 
-    def _spawn(self, name: str, target: Callable[..., None], *args: Any) -> None:
-        threading.Thread(target=target, args=args, name=name, daemon=True).start()
+    def _spawn(self, name: str, target: Callable[..., None], *args: Any) -> threading.Thread:
+        thread = threading.Thread(target=target, args=args, name=name, daemon=True)
+        thread.start()
+        return thread
 
     # --- primary ------------------------------------------------------------------------------
 
@@ -252,13 +284,16 @@ class Replicator:
                 drain_after_down=False,
             )
             with self._lock:
+                # Connected means a link exists: the status never says "connected once" about
+                # a peer it cannot say is lost or connected now.
                 self.link = link
+                self._ever_connected = True
             link.start()  # heartbeats now: xl takes a while to start its transport
             proc = self._start_xl(
                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
             )
             assert proc.stdout is not None
-            self._spawn("xl-output", self._read_output, proc.stdout)
+            self._output_reader = self._spawn("xl-output", self._read_output, proc.stdout)
             self._spawn("xl-wait", self._watch_xl, proc, self._primary_xl_exited)
             conn = self._accept_transport(listener)
         finally:
@@ -324,7 +359,6 @@ class Replicator:
                 self.stopping.wait(delay)
                 delay = min(delay * 2, 2.0)
                 continue
-            self._ever_connected = True
             self._event("connected", f"to {cfg.peer_node} at {cfg.peer_address}")
             return tls
         return None
@@ -350,6 +384,16 @@ class Replicator:
                 conn.shutdown(socket.SHUT_RDWR)
 
     def _primary_xl_exited(self, code: int) -> None:
+        if self._colo_refused is not None:
+            with self._lock:
+                # xl resumed the guest itself ("Backup failed? resuming domain at primary")
+                # before any checkpoint: no output to hold, no standby that could take over.
+                self._output_held = False
+                if self._state not in ("Stopping", "Stopped", "Fenced"):
+                    self._set("Failed", "ColoUnsupported", self._colo_message())
+            # The link stays up: the receiver, refused too, ends it; if it could do COLO, the
+            # agent's stop does. Closing it now could kill the receiver before it says why.
+            return
         with self._lock:
             held, self._output_held = self._output_held, False
             if held and self._state == "PeerLost":
@@ -420,13 +464,12 @@ class Replicator:
                 # Dropped or stopped while the handshake ran: start nothing.
                 tls.close()
                 return
-        self._ever_connected = True
         self._event("connected", f"from {cfg.peer_node} at {peer}")
         proc = self._start_xl(stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         assert proc.stdin is not None
         assert proc.stdout is not None
         assert proc.stderr is not None
-        self._spawn("xl-output", self._read_output, proc.stderr)
+        self._output_reader = self._spawn("xl-output", self._read_output, proc.stderr)
         self._spawn("xl-wait", self._watch_xl, proc, self._secondary_xl_exited)
         sink = FdSink(proc.stdin.fileno())
         with self._lock:
@@ -441,11 +484,22 @@ class Replicator:
                 checkpoints=lambda: self.stats.total,
                 name="relay",
             )
+            # Only now, with the link: before it the agent would read a connected-once peer
+            # that is not connected as a lost one, and drop a copy still being seeded.
+            self._ever_connected = True
             if self._state == "Starting":
                 self._set("Seeding", "Connected", "receiving the initial state")
         self.link.start(FdSource(proc.stdout.fileno()), sink)
 
     def _secondary_xl_exited(self, code: int) -> None:
+        if self._colo_refused is not None:
+            self._clear_refused_domain()
+            with self._lock:
+                if self._state in ("Starting", "Seeding", "PeerLost", "Failed"):
+                    self._set("Failed", "ColoUnsupported", self._colo_message())
+            if self.link is not None:
+                self.link.close("migrate-receive refused COLO")
+            return
         with self._lock:
             state = self._state
             if state == "Activating":
@@ -465,6 +519,66 @@ class Replicator:
         if self.link is not None:
             self.link.close("migrate-receive exited")
 
+    def _clear_refused_domain(self) -> None:
+        """Real xl leaves the domain it made for a refused COLO restore behind, paused and
+        nameless (`(null)` in `xl list`): only its domid, from libxl's message, removes it."""
+        with self._lock:
+            line, done = self._colo_refused, self._refused_domain_cleared
+            self._refused_domain_cleared = True
+        domid = logged_domid(line) if line is not None else None
+        if done or domid is None:
+            return
+        name = self._xl_domain_name(domid)
+        # Only what this receiver made: nameless, or under our incoming name.
+        if name in ("(null)", f"{self.config.domain}--incoming"):
+            code = self._xl_command("destroy", str(domid))
+            self._event("refused-domain-destroyed", f"domain {domid} {name}: exit {code}")
+
+    def _xl_domain_name(self, domid: int) -> str | None:
+        """The name `xl list <domid>` gives the domain, or None."""
+        argv = [self.config.xl, "list", str(domid)]
+        env = {**os.environ, **self.config.xl_env}
+        try:
+            done = subprocess.run(argv, env=env, capture_output=True, timeout=30, check=False)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        if done.returncode != 0:
+            return None
+        for row in done.stdout.decode(errors="replace").splitlines()[1:]:
+            # Name ID Mem VCPUs State Time(s): names may hold spaces, the rest never do.
+            cells = row.rsplit(None, 5)
+            if len(cells) == 6 and cells[1] == str(domid):
+                return cells[0].strip()
+        return None
+
+    def _discard_seed(self, why: str) -> None:
+        """The stream broke before the first complete checkpoint: the replica holds nothing
+        that could ever be activated, so it is no standby to keep or to drop, only a seeding
+        that failed. Destroy it as `drop` does (SIGKILL first: closing its input is xl's own
+        failover) and end Failed; the agent starts a new seeding."""
+        with self._op_lock:
+            if self._state != "Stopping" or self._reason != "SeedingFailed":
+                return  # a request (drop, stop) took over
+            proc = self.xl
+            destroy_exit = None
+            if proc is not None:
+                if proc.poll() is None:
+                    proc.kill()
+                proc.wait()
+                destroy_exit = self._xl_command("destroy", f"{self.config.domain}--incoming")
+            self._release_stdin()
+            self._close_acceptor()
+            with self._lock:
+                self._replica_discarded = True
+                if self._colo_refused is not None:
+                    self._set("Failed", "ColoUnsupported", self._colo_message())
+                else:
+                    self._set("Failed", "SeedingFailed", f"{why}; replica destroyed, to seed anew")
+            self._event("seed-discarded", f"xl destroy exit {destroy_exit}")
+
+    def _colo_message(self) -> str:
+        return colo_message(self.config.node, self._colo_refused or "")
+
     # --- both ---------------------------------------------------------------------------------
 
     def _on_control(self, control: frames.Control) -> None:
@@ -478,6 +592,15 @@ class Replicator:
             self._peer_lost_at = time.monotonic()
             said = self._peer_said
             state = self._state
+            # A standby that never completed a checkpoint: set with the loss (one status
+            # shows both), so that no one mistakes it for a standby waiting to be judged.
+            seed_lost = (
+                self.config.role == "secondary"
+                and state in ("Starting", "Seeding")
+                and self.stats.total == 0
+            )
+            if seed_lost:
+                self._set("Stopping", "SeedingFailed", "stream lost during seeding")
         if said == "stop":
             code = "PeerStopped"
         elif said == "eof":
@@ -488,10 +611,15 @@ class Replicator:
             code = "LostConnection"
         self._event("peer-lost", f"{code}: {reason}")
         if self.config.role == "primary":
-            if state in ("Seeding", "Replicating") and not self._xl_done.is_set():
+            if state in ("Seeding", "Replicating", "Fenced") and not self._xl_done.is_set():
                 with self._lock:
                     self._output_held = self._transport is not None
-                self._set("PeerLost", code, f"stream lost ({reason}); holding xl's output")
+                # A fenced guest stays Fenced; unfence then tells PeerLost (output held).
+                if state != "Fenced":
+                    self._set("PeerLost", code, f"stream lost ({reason}); holding xl's output")
+        elif seed_lost:
+            why = f"stream lost before the first complete checkpoint ({code}: {reason})"
+            self._spawn("discard-seed", self._discard_seed, why)
         elif state in ("Seeding", "Replicating"):
             self._set("PeerLost", code, f"stream lost ({reason}); holding the replica")
 
@@ -517,20 +645,29 @@ class Replicator:
                 self._fence(reason)
 
     def _self_fence_reason(self) -> str | None:
-        """Why the primary must pause its guest now, or None: the stream is down and lease
-        renewals are about to allow the standby to take over, and we are still replicating
-        (a stopping or stopped replicator no longer speaks for the guest)."""
+        """Why the primary must pause its guest now, or None.
+
+        The agent's last successful host-Lease renewal (sent at `lastRenewedMonotonic`) is
+        older than D - margin and a standby may exist (this session's stream connected once):
+        from D on, a standby that sees the stream end may take over at once. Whether the
+        stream is alive now does not matter — it can end any moment, and the standby may see
+        that first. This is what pauses the guest when the agent is dead or hung; with the
+        agent alive both pause at the same deadline (the agent through `fence`, which does
+        not pause twice). A stopping or stopped replicator no longer speaks for the guest.
+        """
         with self._lock:
-            lease, fenced, link, state = self._lease, self._fenced, self.link, self._state
+            lease, fenced, state = self._lease, self._fenced, self._state
+            ever_connected, link = self._ever_connected, self.link
         if self.stopping.is_set() or state in ("Stopping", "Stopped", "Dropped"):
             return None
-        if lease is None or fenced or link is None or not link.is_down:
+        if lease is None or fenced or not ever_connected:
             return None
         renewed, duration = lease
         stale = time.monotonic() - renewed
-        if stale > duration - margin(duration):
-            return f"SelfFence: stream lost and last renewal {stale:.1f}s old"
-        return None
+        if stale <= duration - margin(duration):
+            return None
+        stream = "stream lost" if link is not None and link.is_down else "stream alive"
+        return f"SelfFence: last renewal {stale:.1f}s old ({stream})"
 
     # --- requests -----------------------------------------------------------------------------
 
@@ -546,7 +683,7 @@ class Replicator:
                 "drop": self._op_drop,
                 "fence": self._op_fence,
                 "degrade": lambda: self._op_degrade(str(request.get("reason") or "")),
-                "unfence": self._op_unfence,
+                "unfence": lambda: self._op_unfence(request),
                 "stop": self._op_stop,
             }.get(str(op))
             if handler is None:
@@ -564,9 +701,24 @@ class Replicator:
             raise Refused("lease needs lastRenewedMonotonic and durationS numbers") from None
         if duration <= 0:
             raise Refused("durationS must be positive")
-        with self._lock:
-            self._lease = (renewed, duration)
+        self._update_lease(renewed, duration)
         return {"ok": True}
+
+    def _update_lease(self, renewed: float, duration: float) -> None:
+        with self._lock:
+            # News older than what we have (a late request, a restarted agent's first) does
+            # not move the last renewal back: CLOCK_MONOTONIC is one clock for the host.
+            if self._lease is not None:
+                renewed = max(renewed, self._lease[0])
+            self._lease = (renewed, duration)
+
+    def _lease_fresh(self) -> bool:
+        with self._lock:
+            lease = self._lease
+        if lease is None:
+            return True  # never told: the watchdog is not armed either
+        renewed, duration = lease
+        return time.monotonic() - renewed <= duration - margin(duration)
 
     def _need(self, role: str) -> None:
         if self.config.role != role:
@@ -605,6 +757,8 @@ class Replicator:
             return {"state": state, "destroyExit": None}
         if state in ("Activating", "Active"):
             raise Refused(f"the replica is {state}; dropping it would kill the guest")
+        if self._replica_discarded:
+            return {"state": state, "destroyExit": None}  # gone with the failed seeding
         self._set("Stopping", "DropRequested", "killing migrate-receive")
         proc = self.xl
         destroy_exit = None
@@ -614,6 +768,8 @@ class Replicator:
                 proc.kill()
             proc.wait()
             destroy_exit = self._xl_command("destroy", f"{self.config.domain}--incoming")
+            if self._colo_refused is not None:
+                self._clear_refused_domain()
         if self.link is not None:
             self.link.send_control({"type": "stop", "reason": "replica dropped"})
             self.link.close("replica dropped")
@@ -645,7 +801,12 @@ class Replicator:
 
     def _fence(self, reason: str) -> dict[str, Any]:
         if self._fenced:
-            return {"state": self._state, "pauseExit": 0}
+            # The flag says paused; xl must say so too (someone may have unpaused it, or an
+            # unpause of ours was retried elsewhere). xl pause nests: never pause twice.
+            paused = self._domain_paused()
+            if paused is not False:
+                return {"state": self._state, "pauseExit": 0 if paused else -1}
+            self._event("fence-not-in-place", "recorded as fenced but running: pausing again")
         code = self._xl_command("pause", self.config.domain)
         if code != 0:
             self._event("fence-failed", f"xl pause exit {code}")
@@ -656,8 +817,13 @@ class Replicator:
         self._event("fenced", reason)
         return {"state": "Fenced", "pauseExit": code}
 
-    def _op_unfence(self) -> dict[str, Any]:
+    def _op_unfence(self, request: dict[str, Any]) -> dict[str, Any]:
         self._need("primary")
+        if "lastRenewedMonotonic" in request:
+            self._op_lease(request)
+        if not self._lease_fresh():
+            # Our own watchdog would pause it again at the next tick.
+            raise Refused("the last host-Lease renewal is too old to run the guest")
         if not self._fenced:
             return {"state": self._state, "unpauseExit": 0}
         code = self._xl_command("unpause", self.config.domain)
@@ -715,6 +881,21 @@ class Replicator:
         if acceptor is not None:
             acceptor.close()
 
+    def _domain_paused(self) -> bool | None:
+        """Whether `xl list` shows our domain paused; None if xl cannot tell."""
+        argv = [self.config.xl, "list", self.config.domain]
+        env = {**os.environ, **self.config.xl_env}
+        try:
+            done = subprocess.run(argv, env=env, capture_output=True, timeout=30, check=False)
+            if done.returncode != 0:
+                return None
+            rows = parse_list(done.stdout.decode(errors="replace"))
+        except (OSError, subprocess.TimeoutExpired, XlOutputError) as e:
+            self._event("xl-command-failed", f"{' '.join(argv)}: {e}")
+            return None
+        row = next((r for r in rows if r.name == self.config.domain), None)
+        return None if row is None else row.paused
+
     def _xl_command(self, *args: str) -> int:
         argv = [self.config.xl, *args]
         env = {**os.environ, **self.config.xl_env}
@@ -744,8 +925,12 @@ class _Handler(socketserver.StreamRequestHandler):
                 response: dict[str, Any] = {"ok": False, "error": f"bad request: {e}"}
             else:
                 response = self.server.replicator.handle(request)
-            self.wfile.write(json.dumps(response).encode() + b"\n")
-            self.wfile.flush()
+            try:
+                self.wfile.write(json.dumps(response).encode() + b"\n")
+                self.wfile.flush()
+            except (BrokenPipeError, ConnectionResetError):
+                # The client gave up (an agent's timeout, an agent that exited): its loss.
+                return
 
 
 class _ControlServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):

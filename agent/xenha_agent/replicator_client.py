@@ -36,6 +36,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -106,8 +107,45 @@ class ReplicatorStatus(TypedDict):
     xlOutput: list[str]  # last lines xl printed
     fenced: bool
     outputHeld: bool | None  # primary: stream lost, xl's transport still held open
+    coloRefused: str | None  # the line in which xl refused COLO (see colo_refusal)
     lease: dict[str, float] | None
     events: list[ReplicatorEvent]
+
+
+# What xl prints when COLO cannot run, on either side; retrying cannot help. Debian builds
+# libxl without COLO (libxl_no_colo.c: "COLO is not supported", although `xl help remus` lists
+# -c), and libxl restores only HVM guests with COLO ("COLO only supports HVM, unable to restore
+# domain"). libxl's LOGD prefixes the domain: "libxl: error: <file>:<line>:<func>: Domain 3:...".
+COLO_NOT_BUILT = "COLO is not supported"
+COLO_HVM_ONLY = "COLO only supports HVM"
+_LOG_DOMAIN = re.compile(r"\bDomain (\d+):")
+
+ColoRefusal = Literal["host", "guest"]
+
+
+def colo_refusal(line: str) -> ColoRefusal | None:
+    """Whether an xl line refuses COLO: "host" (this host's libxl lacks it), "guest" (not
+    for this guest), or None."""
+    if COLO_NOT_BUILT in line:
+        return "host"
+    if COLO_HVM_ONLY in line:
+        return "guest"
+    return None
+
+
+def colo_message(node: str, line: str) -> str:
+    """Why COLO does not run, for XenNode.status (and from there the user)."""
+    if colo_refusal(line) == "host":
+        why = f"libxl on {node} is built without COLO"
+    else:
+        why = "COLO replicates HVM guests only"
+    return f"{why}: not retried; use mode remus ({line.strip()})"
+
+
+def logged_domid(line: str) -> int | None:
+    """The domain a libxl log line is about, if it names one."""
+    match = _LOG_DOMAIN.search(line)
+    return int(match[1]) if match else None
 
 
 class ReplicatorError(RuntimeError):

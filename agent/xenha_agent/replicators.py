@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import json
 import logging
 import os
 import shutil
@@ -102,6 +103,8 @@ class ReplicatorStatus:
     # Primary: xl's transport is held open after the loss (output held until `degrade`).
     # None when the replicator does not say; the agent then infers it (Agent._output_held).
     output_held: bool | None = None
+    # The line in which xl refused COLO (replicator_client.colo_refusal); None if it did not.
+    colo_refused: str | None = None
 
     @property
     def has_checkpoint(self) -> bool:
@@ -149,7 +152,20 @@ def parse_status(data: Mapping[str, Any]) -> ReplicatorStatus:
         last_checkpoint_at=last_at,
         fenced=data.get("fenced") is True,
         output_held=data["outputHeld"] if isinstance(data.get("outputHeld"), bool) else None,
+        colo_refused=data.get("coloRefused") if isinstance(data.get("coloRefused"), str) else None,
     )
+
+
+@dataclass(frozen=True)
+class ColoRefused:
+    """xl refused COLO for a replication on this node: retrying cannot help, so it is not
+    retried while the replication asks for COLO, and reported Failed (ColoUnsupported)."""
+
+    role: Role
+    # What xl said ("" when known before asking xl: xen.coloSupported false), and why, for
+    # XenNode.status.
+    line: str
+    message: str
 
 
 def last_heartbeat_time(status: ReplicatorStatus, now: datetime) -> datetime | None:
@@ -243,6 +259,31 @@ def forget(run_dir: Path, uid: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
     shutil.rmtree(tls_dir(run_dir, uid), ignore_errors=True)
+
+
+def colo_refusal_path(run_dir: Path) -> Path:
+    return run_dir / "xl-colo-refused.json"
+
+
+def save_colo_refusal(run_dir: Path, *, xen_version: str, line: str) -> None:
+    """Remember that this host's xl refused COLO (its libxl lacks it, although `xl help
+    remus` offers -c): a restarted agent must not ask again, only to be refused again."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    data = {"xenVersion": xen_version, "line": line}
+    write_private(colo_refusal_path(run_dir), json.dumps(data).encode())
+
+
+def colo_refused_before(run_dir: Path, xen_version: str) -> str | None:
+    """The line in which xl refused COLO on this host, if it did under this Xen version (the
+    run dir lives until the host reboots; an upgrade may bring a libxl with COLO)."""
+    try:
+        data = json.loads(colo_refusal_path(run_dir).read_bytes())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or data.get("xenVersion") != xen_version:
+        return None
+    line = data.get("line")
+    return line if isinstance(line, str) else None
 
 
 def existing_uids(run_dir: Path) -> list[str]:

@@ -28,8 +28,14 @@ from xenha.api.models import (
     XenInfo as XenInfoModel,
 )
 from xenha_agent.kube import ApiError, Conflict, KubeClient, NotFound, Obj, xennodes_path
-from xenha_agent.plan import INCOMING_SUFFIX, ReplicationView
-from xenha_agent.replicators import ReplicatorStatus, Role, api_state, last_heartbeat_time
+from xenha_agent.plan import COLO_UNSUPPORTED, INCOMING_SUFFIX, ReplicationView
+from xenha_agent.replicators import (
+    ColoRefused,
+    ReplicatorStatus,
+    Role,
+    api_state,
+    last_heartbeat_time,
+)
 from xenha_agent.state import CopyRecord
 from xenha_agent.xen.xl import Domain, XenInfo
 
@@ -76,12 +82,16 @@ def build_status(
 
 
 def entry_state(
-    record: CopyRecord | None, status: ReplicatorStatus | None, copy: Domain | None
+    record: CopyRecord | None,
+    status: ReplicatorStatus | None,
+    copy: Domain | None,
+    refused: ColoRefused | None = None,
 ) -> tuple[ReplicationState, str | None, str | None]:
     """(state, reason, message) of a replication on this node.
 
     The agent's own acts come first (a fence is the agent's, whatever the replicator says);
-    then the replicator's state; a copy without a replicator is Degraded.
+    then the replicator's state; then a refusal of COLO (it outlives the replicator that met
+    it: nothing is retried); a copy without a replicator is Degraded.
     """
     if record is not None and record.fenced and record.handover_paused_at is not None:
         return (ReplicationState.FENCED, "SwitchoverPaused", "guest paused for a switchover")
@@ -93,6 +103,8 @@ def entry_state(
         )
     if status is not None and status.state is not None:
         return api_state(status.state), status.reason, status.message
+    if refused is not None:
+        return ReplicationState.FAILED, COLO_UNSUPPORTED, refused.message
     if status is None and record is not None and copy is not None:
         return (
             ReplicationState.DEGRADED,
@@ -110,16 +122,21 @@ def replication_entry(
     status: ReplicatorStatus | None,
     domains: Mapping[str, Domain],
     now: datetime,
+    refused: ColoRefused | None = None,
 ) -> NodeReplication | None:
     """This node's part in one replication, for XenNode.status.replications."""
     namespace = view.namespace if view else record.namespace if record else ""
     name = view.name if view else record.name if record else ""
     if not namespace or not name:
         return None
-    role = (status.role if status else None) or (record.role if record else Role.PRIMARY)
+    role = (
+        (status.role if status else None)
+        or (record.role if record else None)
+        or (refused.role if refused else Role.PRIMARY)
+    )
     domain = view.domain if view else record.domain if record else ""
     copy = domains.get(domain) or domains.get(domain + INCOMING_SUFFIX)
-    state, reason, message = entry_state(record, status, copy)
+    state, reason, message = entry_state(record, status, copy, refused)
     failover = record.failover if record else None
     return NodeReplication(
         namespace=namespace,

@@ -7,6 +7,8 @@ otherwise, so margin = 2.5 s: the active pauses 7.5 s after its last good renewa
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 from xenha_agent.fencing import (
     ActiveAction,
@@ -179,6 +181,7 @@ def active(
     output_held: bool = True,
     fenced: bool = False,
     lease_duration: float = D,
+    designation_in_doubt: bool = False,
 ) -> ActiveView:
     return ActiveView(
         now=now,
@@ -191,6 +194,7 @@ def active(
         standby_has_checkpoint=standby_has_checkpoint,
         output_held=output_held,
         fenced=fenced,
+        designation_in_doubt=designation_in_doubt,
     )
 
 
@@ -202,11 +206,65 @@ ACTIVE_TABLE = [
         ActiveAction.KEEP,
         "PeerConnected",
     ),
+    # -- the watchdog does not wait for the stream to end (issue #5): a standby that sees the
+    #    stream end after D of silence takes over at once, maybe before we see the loss
     (
-        "peer connected, API gone for minutes (agent restart, outage)",
+        "peer connected, API gone for minutes (outage, or an agent restart)",
         active(peer_lost_at=None, own_last_renewal=-200.0, fencing=UNREAD),
+        ActiveAction.PAUSE,
+        "LeaseRenewalStale",
+    ),
+    (
+        "peer connected, cut off from the API only, just past D - margin",
+        active(peer_lost_at=None, own_last_renewal=92.4),
+        ActiveAction.PAUSE,
+        "LeaseRenewalStale",
+    ),
+    (
+        "peer connected, renewed exactly D - margin ago",
+        active(peer_lost_at=None, own_last_renewal=92.5),
         ActiveAction.KEEP,
         "PeerConnected",
+    ),
+    (
+        "peer connected, paused by the watchdog, API still gone",
+        active(peer_lost_at=None, own_last_renewal=80.0, fenced=True),
+        ActiveAction.KEEP,
+        "Fenced",
+    ),
+    (
+        "peer connected, paused by the watchdog, renewing again: resume (stream kept)",
+        active(peer_lost_at=None, own_last_renewal=99.9, fenced=True),
+        ActiveAction.RESUME,
+        "LeaseRenewed",
+    ),
+    (
+        "peer connected, still seeding, nobody designated: nobody can take over",
+        active(
+            peer_lost_at=None,
+            own_last_renewal=80.0,
+            fencing=lease(ME, None),
+            standby_has_checkpoint=False,
+        ),
+        ActiveAction.KEEP,
+        "PeerConnected",
+    ),
+    (
+        "checkpoint acknowledged but renewals stale: no designation (it opens a takeover)",
+        active(peer_lost_at=None, own_last_renewal=80.0, fencing=lease(ME, None)),
+        ActiveAction.KEEP,
+        "PeerConnected",
+    ),
+    (
+        "peer connected, a designation of ours unanswered: it may have landed",
+        active(
+            peer_lost_at=None,
+            own_last_renewal=80.0,
+            fencing=lease(ME, None),
+            designation_in_doubt=True,
+        ),
+        ActiveAction.PAUSE,
+        "LeaseRenewalStale",
     ),
     (
         "first checkpoint acknowledged: designate the standby",
@@ -250,6 +308,12 @@ ACTIVE_TABLE = [
         active(fencing=lease(ME, None), standby_has_checkpoint=False),
         ActiveAction.DEGRADE,
         "StandbyRevoked",
+    ),
+    (
+        "lost while a designation of ours is unanswered: revoke before releasing",
+        active(fencing=lease(ME, None), designation_in_doubt=True),
+        ActiveAction.REVOKE,
+        "PeerLost",
     ),
     # -- peer lost and no renewals: pause before the standby may take over
     (
@@ -376,17 +440,23 @@ def test_margin_is_quarter_of_d_with_a_floor(d: float, m: float) -> None:
     assert margin(d) == m
 
 
+@pytest.mark.parametrize("active_sees_loss", [True, False], ids=["loss seen", "stream alive"])
 @pytest.mark.parametrize("d", [1.0, 2.0, 10.0, 40.0])
-def test_active_pauses_before_standby_may_acquire(d: float) -> None:
+def test_active_pauses_before_standby_may_acquire(d: float, active_sees_loss: bool) -> None:
     """Both clocks start at the same renewal: the active's send time is earlier than the
     standby's observation of it, so pausing at send + D - margin precedes acquiring at
-    observation + D."""
+    observation + D — also when the standby sees the stream end before the active does."""
     sent, ticks = 0.0, [t / 100 for t in range(0, int(d * 200))]
     pause_at = min(
         t
         for t in ticks
         if decide_active(
-            active(now=t, own_last_renewal=sent, peer_lost_at=0.0, lease_duration=d)
+            active(
+                now=t,
+                own_last_renewal=sent,
+                peer_lost_at=0.0 if active_sees_loss else None,
+                lease_duration=d,
+            )
         ).action
         is ActiveAction.PAUSE
     )
@@ -401,3 +471,57 @@ def test_active_pauses_before_standby_may_acquire(d: float) -> None:
         is StandbyAction.ACQUIRE
     )
     assert pause_at <= acquire_at - margin(d) + 0.011
+
+
+# -- the watchdog, over every combination ----------------------------------------------------
+#
+# Renewal ages around D - margin (7.5 s for D = 10), the stream alive or lost, the fencing
+# Lease held by us, by another node or unread, a standby designated or not, paused or not.
+
+AGES = {
+    "renewed 1 s ago": 99.0,
+    "renewed D - margin ago": 92.5,
+    "renewed just over D - margin ago": 92.4,
+    "renewed D ago": 90.0,
+    "never renewed": None,
+}
+STREAMS = {"stream alive": None, "stream lost": 99.0}
+LEASES = {
+    "Lease ours, standby designated": lease(ME, PEER),
+    "Lease ours, nobody designated": lease(ME, None),
+    "Lease unread": UNREAD,
+    "Lease held elsewhere": lease(OTHER, None),
+}
+PAUSED = {"running": False, "paused by us": True}
+
+WATCHDOG_CASES = [
+    pytest.param(AGES[a], STREAMS[s], LEASES[le], PAUSED[f], id=f"{a}, {s}, {le}, {f}")
+    for a, s, le, f in itertools.product(AGES, STREAMS, LEASES, PAUSED)
+]
+
+
+def _fresh(renewed: float | None) -> bool:
+    return renewed is not None and 100.0 - renewed <= D - margin(D)
+
+
+@pytest.mark.parametrize(("renewed", "lost_at", "fencing", "fenced"), WATCHDOG_CASES)
+def test_the_watchdog_pauses_on_stale_renewals_whatever_the_stream(
+    renewed: float | None, lost_at: float | None, fencing: FencingLease | None, fenced: bool
+) -> None:
+    view = active(own_last_renewal=renewed, peer_lost_at=lost_at, fencing=fencing, fenced=fenced)
+    action = decide_active(view).action
+    if fencing is not None and fencing.holder not in (ME, None):
+        # Someone else won: the copy goes, paused or not.
+        assert action is ActiveAction.DESTROY
+        return
+    takeover_possible = fencing is None or fencing.standby is not None
+    if not _fresh(renewed) and not fenced and takeover_possible:
+        assert action is ActiveAction.PAUSE
+    else:
+        assert action is not ActiveAction.PAUSE
+    if not _fresh(renewed) or fencing is None:
+        # A paused guest stays paused until renewals are fresh and the Lease is read as ours.
+        assert action is not ActiveAction.RESUME
+    if fenced and _fresh(renewed) and fencing is not None and fencing.standby is None:
+        # Nothing stands between a fresh, undisputed holder and its guest.
+        assert action is ActiveAction.RESUME or (lost_at is not None and view.output_held)

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 from xenha_agent.fencing import HolderObservation
-from xenha_agent.kube import ApiUnavailable, Connection, KubeClient, leases_path
+from xenha_agent.kube import ApiUnavailable, Conflict, Connection, KubeClient, leases_path
 from xenha_agent.leases import (
     HOST_LEASE_LABEL,
     STANDBY_ANNOTATION,
@@ -21,6 +21,8 @@ from xenha_agent.leases import (
     designate_standby,
     lease_standby,
     micro_time,
+    reassert_holder,
+    resource_version,
     revoke_standby,
     transfer_fencing_lease,
 )
@@ -220,6 +222,36 @@ def test_recheck_catches_a_renewal_the_watch_has_not_delivered(namespace, agent_
             assert await watcher.recheck(A)
             assert watcher.observation(A) == HolderObservation(since=10.0, last_change=12.0)
             assert not await watcher.recheck(C)  # no Lease at all: no sign of life
+        finally:
+            await kube.close()
+
+    run(scenario())
+
+
+def test_the_last_look_counts_a_renewal_the_watch_delivered_after_the_decision(
+    namespace, agent_client, run
+):
+    """The standby decided on an old observation; the watch then delivered a renewal. The
+    last look reads the same version the watch recorded — no change by that read — and must
+    still call the takeover off: the holder renewed less than D ago."""
+    clock = FakeClock(start=10.0)
+
+    async def scenario() -> None:
+        kube = agent_client()
+        renewer = HostLeaseRenewer(kube, namespace=namespace, node=A)
+        watcher = HostLeaseWatcher(kube, namespace=namespace, clock=clock)
+        try:
+            assert await renewer.renew_once()
+            await watcher.recheck(A)  # first sight at 10.0
+            clock.now = 12.5
+            assert await watcher.silent_for(A, 2.0)  # 2.5 s unchanged: silent
+            assert await renewer.renew_once()
+            await watcher.recheck(A)  # what the watch would record: a change at 12.5
+            clock.now = 13.0
+            assert not await watcher.silent_for(A, 2.0)
+            clock.now = 14.5
+            assert await watcher.silent_for(A, 2.0)
+            assert not await watcher.silent_for(C, 2.0)  # never seen, never listed
         finally:
             await kube.close()
 
@@ -460,3 +492,105 @@ async def _until(condition: Callable[[], bool], *, seconds: float = 10.0) -> Non
             return
         await asyncio.sleep(0.05)
     raise AssertionError("condition not met in time")
+
+
+def test_a_resume_and_a_takeover_in_flight_never_both_land(namespace, agent_client, admin, run):
+    """A self-fenced active whose renewals came back resumes only after `reassert_holder`.
+    A standby that judged it silent may be between its read and its write: the reassert
+    moves the Lease on, so that write fails — and a takeover that landed first fails the
+    reassert. Either way exactly one of them holds the guest."""
+
+    async def scenario() -> None:
+        root = admin()
+        kube_a, kube_b = agent_client(), agent_client()
+        try:
+            await root.create(leases_path(namespace), fence_lease(namespace, "r1-fence", A, B))
+            reasserted: list[Cas] = []
+
+            async def resume_meanwhile() -> bool:
+                reasserted.append(await reassert_holder(kube_a, namespace, "r1-fence", A))
+                return True  # the standby's look at A's host Lease found nothing new
+
+            took = await acquire_fencing_lease(
+                kube_b, namespace, "r1-fence", B, expected_holder=A, holder_silent=resume_meanwhile
+            )
+            assert reasserted[0].won
+            assert (took.outcome, took.holder) == (Outcome.LOST, A)
+            lease = await _lease(root, namespace, "r1-fence")
+            assert lease["spec"]["holderIdentity"] == A
+            assert lease_standby(lease) == B  # the resume keeps the designation
+
+            await root.create(leases_path(namespace), fence_lease(namespace, "r2-fence", A, B))
+            assert (
+                await acquire_fencing_lease(kube_b, namespace, "r2-fence", B, expected_holder=A)
+            ).won
+            late = await reassert_holder(kube_a, namespace, "r2-fence", A)
+            assert (late.outcome, late.holder) == (Outcome.LOST, B)
+        finally:
+            for c in (kube_a, kube_b, root):
+                await c.close()
+
+    run(scenario())
+
+
+def test_a_write_that_got_no_answer_is_in_doubt_at_the_version_it_was_based_on(
+    namespace, agent_client, admin, run
+):
+    """The client is cut off between its read and its write: the write may land later, but
+    only while the Lease is still at the version read."""
+
+    async def scenario() -> None:
+        root, kube = admin(), agent_client()
+        await root.create(leases_path(namespace), fence_lease(namespace, "db1-fence", A, B))
+        real_host = kube.connection.host
+
+        async def cut_off() -> bool:
+            kube.connection.host = "https://127.0.0.1:1"
+            return True
+
+        try:
+            read = await _lease(root, namespace, "db1-fence")
+            got = await acquire_fencing_lease(
+                kube, namespace, "db1-fence", B, expected_holder=A, holder_silent=cut_off
+            )
+            assert got.outcome is Outcome.UNAVAILABLE
+            assert got.in_doubt_at == resource_version(read)
+            missing_api = await revoke_standby(kube, namespace, "db1-fence", A)
+            assert missing_api.outcome is Outcome.UNAVAILABLE
+            assert missing_api.in_doubt_at is None  # nothing was read, nothing written
+        finally:
+            kube.connection.host = real_host
+            await kube.close()
+            await root.close()
+
+    run(scenario())
+
+
+@pytest.mark.parametrize("touch", [True, False], ids=["touched", "not touched"])
+def test_a_touching_revoke_stops_a_designation_still_in_flight(
+    namespace, agent_client, admin, run, touch
+):
+    """A designation that got no answer may still land; the active that lost its stream
+    cannot know. A revoke that writes even when it finds no annotation moves the Lease on,
+    and the designation (conditional on the earlier version) can never land after it."""
+
+    async def scenario() -> None:
+        root, kube = admin(), agent_client()
+        await root.create(leases_path(namespace), fence_lease(namespace, "db1-fence", A))
+        path = leases_path(namespace, "db1-fence")
+        try:
+            in_flight = await _lease(root, namespace, "db1-fence")
+            in_flight["metadata"].setdefault("annotations", {})[STANDBY_ANNOTATION] = B
+            assert (await revoke_standby(kube, namespace, "db1-fence", A, touch=touch)).won
+            if touch:
+                with pytest.raises(Conflict):
+                    await root.replace(path, in_flight)
+                assert lease_standby(await _lease(root, namespace, "db1-fence")) is None
+            else:
+                await root.replace(path, in_flight)  # it lands: nothing had moved the Lease
+                assert lease_standby(await _lease(root, namespace, "db1-fence")) == B
+        finally:
+            await kube.close()
+            await root.close()
+
+    run(scenario())

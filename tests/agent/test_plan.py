@@ -10,11 +10,13 @@ from typing import Any
 import pytest
 from xenha_agent.plan import (
     ClearIncoming,
+    Guard,
     Launch,
     LocalReplicator,
     ReplicationView,
     Step,
     Stop,
+    Unpause,
     plan,
     replication_view,
 )
@@ -24,7 +26,6 @@ from xenha.api.models import Phase, parse_spec
 
 ME, PEER = "xen-a", "xen-b"
 S = ReplicatorState
-SPEC = parse_spec({"domain": "db1", "mode": "remus", "primaryNode": ME, "secondaryNode": PEER})
 
 
 def view(
@@ -32,8 +33,17 @@ def view(
     standby: str | None = PEER,
     phase: Phase | None = Phase.PROTECTED,
     suspended: bool = False,
+    mode: str = "remus",
 ) -> ReplicationView:
-    spec = SPEC.model_copy(update={"suspended": suspended})
+    spec = parse_spec(
+        {
+            "domain": "db1",
+            "mode": mode,
+            "primaryNode": ME,
+            "secondaryNode": PEER,
+            "suspended": suspended,
+        }
+    )
     return ReplicationView(
         uid="u1",
         namespace="prod",
@@ -46,9 +56,14 @@ def view(
 
 
 def rep(
-    role: Role, state: ReplicatorState, *, peer: bool = True, settled: bool = True
+    role: Role,
+    state: ReplicatorState,
+    *,
+    peer: bool = True,
+    settled: bool = True,
+    reason: str | None = None,
 ) -> LocalReplicator:
-    return LocalReplicator("u1", role, state, peer_connected=peer, settled=settled)
+    return LocalReplicator("u1", role, state, peer_connected=peer, settled=settled, reason=reason)
 
 
 P, SEC = Role.PRIMARY, Role.SECONDARY
@@ -164,6 +179,252 @@ def test_plan(
         replications={} if xr is None else {"u1": xr},
         replicators={} if local is None else {"u1": local},
         domains=domains,
+    )
+    assert got == steps
+
+
+# -- a primary whose guest is paused, with no replicator ---------------------------------------
+# Safe to run: the fencing Lease is ours and names no standby, renewals are fresh.
+SAFE = Guard(holder=ME, standby=None, renewal_fresh=True, recorded=True)
+PAUSED = {"db1": "paused"}
+
+PAUSED_TABLE: list[tuple[str, Any, Any, dict[str, str], Guard | None, list[Step]]] = [
+    (
+        "paused, not by our fence, Lease ours, no standby, renewals fresh: unpause it",
+        view(),
+        None,
+        PAUSED,
+        SAFE,
+        [Unpause("u1", "db1")],
+    ),
+    ("once it runs again: replicate it", view(), None, RUNNING, SAFE, [Launch("u1", P)]),
+    (
+        "the fencing Lease names another node: never (fencing destroys this copy)",
+        view(),
+        None,
+        PAUSED,
+        Guard(holder=PEER, renewal_fresh=True, recorded=True),
+        [],
+    ),
+    (
+        "the fencing Lease not read yet: wait",
+        view(),
+        None,
+        PAUSED,
+        Guard(holder=None, renewal_fresh=True, recorded=True),
+        [],
+    ),
+    (
+        "a standby is still designated (it could take over): wait for the revoke",
+        view(),
+        None,
+        PAUSED,
+        Guard(holder=ME, standby=PEER, renewal_fresh=True, recorded=True),
+        [],
+    ),
+    (
+        "a designation of ours may still land: wait",
+        view(),
+        None,
+        PAUSED,
+        Guard(holder=ME, renewal_fresh=True, recorded=True, designation_in_doubt=True),
+        [],
+    ),
+    (
+        "renewals stale (the Lease as seen may be old news): wait",
+        view(),
+        None,
+        PAUSED,
+        Guard(holder=ME, renewal_fresh=False, recorded=True),
+        [],
+    ),
+    (
+        "paused by our own fence: fencing lifts it, one unpause for one pause",
+        view(),
+        None,
+        PAUSED,
+        Guard(holder=ME, renewal_fresh=True, recorded=True, fenced=True),
+        [],
+    ),
+    (
+        "paused before this node ever protected it: its owner's pause",
+        view(),
+        None,
+        PAUSED,
+        Guard(holder=ME, renewal_fresh=True, recorded=False),
+        [],
+    ),
+    ("no guard at all: nothing is unpaused", view(), None, PAUSED, None, []),
+    (
+        "a replicator runs (fenced): fencing's business, not the plan's",
+        view(),
+        rep(P, S.FENCED, peer=False),
+        PAUSED,
+        SAFE,
+        [],
+    ),
+    (
+        "standby here, the old active's copy paused here: never unpaused",
+        view(PEER, ME),
+        None,
+        PAUSED,
+        SAFE,
+        [],
+    ),
+    ("suspended replication: left alone", view(suspended=True), None, PAUSED, SAFE, []),
+    ("shut down, not paused: nothing to unpause", view(), None, {"db1": "shutdown"}, SAFE, []),
+]
+
+
+def test_a_paused_primary_whose_colo_was_refused_still_runs_unprotected() -> None:
+    got = plan(
+        me=ME,
+        replications={"u1": view(mode="colo")},
+        replicators={},
+        domains=PAUSED,
+        guards={"u1": SAFE},
+        colo_supported=False,
+        colo_refused={"u1"},
+    )
+    assert got == [Unpause("u1", "db1")]
+    running = plan(
+        me=ME,
+        replications={"u1": view(mode="colo")},
+        replicators={},
+        domains=RUNNING,
+        guards={"u1": SAFE},
+        colo_supported=False,
+        colo_refused={"u1"},
+    )
+    assert running == []
+
+
+@pytest.mark.parametrize(
+    ("xr", "local", "domains", "guard", "steps"),
+    [pytest.param(x, lo, d, g, s, id=name) for name, x, lo, d, g, s in PAUSED_TABLE],
+)
+def test_plan_for_a_paused_primary(
+    xr: ReplicationView,
+    local: LocalReplicator | None,
+    domains: dict[str, str],
+    guard: Guard | None,
+    steps: list[Step],
+) -> None:
+    got = plan(
+        me=ME,
+        replications={"u1": xr},
+        replicators={} if local is None else {"u1": local},
+        domains=domains,
+        guards={} if guard is None else {"u1": guard},
+    )
+    assert got == steps
+
+
+# -- COLO that xl refused, and failures that say why -----------------------------------------
+COLO_TABLE: list[tuple[str, Any, Any, dict[str, str], bool | None, set[str], list[Step]]] = [
+    (
+        "COLO, this host can: start the primary",
+        view(mode="colo"),
+        None,
+        RUNNING,
+        True,
+        set(),
+        [Launch("u1", P)],
+    ),
+    (
+        "COLO, this host's libxl lacks it: no primary",
+        view(mode="colo"),
+        None,
+        RUNNING,
+        False,
+        set(),
+        [],
+    ),
+    (
+        "COLO, this host's libxl lacks it: no secondary either",
+        view(PEER, ME, mode="colo"),
+        None,
+        {},
+        False,
+        set(),
+        [],
+    ),
+    (
+        "COLO refused for this guest (not HVM): not retried",
+        view(PEER, ME, mode="colo"),
+        None,
+        {},
+        True,
+        {"u1"},
+        [],
+    ),
+    (
+        "COLO refused, a dead replicator's incoming copy is still cleared",
+        view(PEER, ME, mode="colo"),
+        None,
+        {"db1--incoming": "paused"},
+        False,
+        {"u1"},
+        [ClearIncoming("u1", "db1--incoming")],
+    ),
+    (
+        "refused once, the mode is remus now: replicate",
+        view(),
+        None,
+        RUNNING,
+        False,
+        {"u1"},
+        [Launch("u1", P)],
+    ),
+    (
+        "the replicator that met the refusal is stopped, with the reason",
+        view(mode="colo"),
+        rep(P, S.FAILED, peer=False, reason="ColoUnsupported"),
+        RUNNING,
+        False,
+        {"u1"},
+        [Stop("u1", "ColoUnsupported")],
+    ),
+    (
+        "a seeding that failed: stopped with the reason (and started anew)",
+        view(PEER, ME),
+        rep(SEC, S.FAILED, peer=False, reason="SeedingFailed"),
+        {},
+        True,
+        set(),
+        [Stop("u1", "SeedingFailed")],
+    ),
+    (
+        "any other failure: Finished",
+        view(),
+        rep(P, S.FAILED, peer=False, reason="XlExited"),
+        RUNNING,
+        True,
+        set(),
+        [Stop("u1", "Finished")],
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("xr", "local", "domains", "colo", "refused", "steps"),
+    [pytest.param(x, lo, d, c, r, s, id=name) for name, x, lo, d, c, r, s in COLO_TABLE],
+)
+def test_plan_with_colo_refused(
+    xr: ReplicationView,
+    local: LocalReplicator | None,
+    domains: dict[str, str],
+    colo: bool | None,
+    refused: set[str],
+    steps: list[Step],
+) -> None:
+    got = plan(
+        me=ME,
+        replications={"u1": xr},
+        replicators={} if local is None else {"u1": local},
+        domains=domains,
+        colo_supported=colo,
+        colo_refused=refused,
     )
     assert got == steps
 

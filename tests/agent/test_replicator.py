@@ -349,20 +349,51 @@ def test_degrade_is_refused_while_the_stream_is_alive(pair):
     assert p.a.state() == "Replicating"
 
 
-def test_the_primary_fences_itself_when_stream_and_lease_renewals_are_both_lost(pair):
+def test_the_primary_fences_itself_on_stale_lease_renewals_even_with_the_stream_alive(pair):
+    """Issue #5. The stream is alive, so the standby cannot act now; but it may the moment it
+    sees the stream end (before we do), its holder's host Lease silent for D already. So the
+    guest is paused once renewals are older than D - margin, stream or not; fresh renewals
+    resume it, and the same stream goes on, without a reseed."""
     p = pair()
     p.start()
     p.replicating(1)
+    xl_pid = p.a.status()["xlPid"]
     # The agent last renewed 100 s ago (it is down, or cut off from the API).
     p.a.request("lease", lastRenewedMonotonic=time.monotonic() - 100, durationS=10)
-    time.sleep(0.5)
-    assert p.a.state() == "Replicating"  # a live stream: nobody can take over, no fence
-    p.b.host.kill()
     wait_for(lambda: p.a.state() == "Fenced", 20, "Fenced")
     status = p.a.status()
     assert status["fenced"]
     assert status["reason"] == "SelfFence"
+    assert status["peerConnected"]
     wait_for(lambda: p.a.host.domain("db1")["paused"], 10, "the guest paused")
+    with pytest.raises(ReplicatorError, match="too old"):
+        p.a.request("unfence")  # stale news: its own watchdog would pause it again
+    sent = p.b.status()["checkpoints"]["total"]
+    answer = p.a.request("unfence", lastRenewedMonotonic=time.monotonic(), durationS=10)
+    assert answer["unpauseExit"] == 0
+    assert not p.a.host.domain("db1")["paused"]
+    wait_for(lambda: p.b.status()["checkpoints"]["total"] > sent + 2, 30, "more checkpoints")
+    assert p.a.state() == p.b.state() == "Replicating"
+    assert p.a.status()["xlPid"] == xl_pid
+    ledger.assert_never_two_active(p.ledger)
+
+
+def test_the_primary_fences_itself_when_stream_and_lease_renewals_are_both_lost(pair):
+    p = pair()
+    p.start()
+    p.replicating(1)
+    p.a.request("lease", lastRenewedMonotonic=time.monotonic(), durationS=10)
+    p.b.host.kill()
+    # No renewal news after that one (the agent is down, or cut off from the API as well):
+    # D - margin after it the guest is paused, whether the loss was seen before or after.
+    wait_for(lambda: p.a.state() == "Fenced", 30, "Fenced")
+    status = p.a.status()
+    assert status["fenced"]
+    assert status["reason"] == "SelfFence"
+    wait_for(lambda: p.a.host.domain("db1")["paused"], 10, "the guest paused")
+    # The transport is kept (the output held): the agent still decides what comes next.
+    wait_for(lambda: p.a.status()["outputHeld"], 20, "the output held")
+    assert not p.a.status()["peerConnected"]
 
 
 def test_fence_pauses_once_and_unfence_resumes(pair):

@@ -69,6 +69,13 @@ def test_xl_list_rejects_what_is_not_xl_output(text: str) -> None:
         ("--p---", "paused"),
         # Mid-checkpoint under Remus/COLO: shut down for suspend, seen on real Xen 4.17.
         ("---ss-", "running"),
+        # Paused while suspended for a checkpoint (fenced while xl remus was blocked on a
+        # lost stream): the flags are independent and the pause is what counts.
+        ("--pss-", "paused"),
+        ("r-p---", "paused"),
+        # A crash or shutdown says more than a pause.
+        ("--psc-", "crashed"),
+        ("--ps--", "shutdown"),
         ("---sc-", "crashed"),
         ("---sr-", "shutdown"),
         ("-----d", "dying"),
@@ -77,6 +84,8 @@ def test_xl_list_rejects_what_is_not_xl_output(text: str) -> None:
 def test_domain_state_from_xl_list_flags(flags: str, state: str) -> None:
     domain = Domain(name="db1", domid=3, memory_mib=128, vcpus=1, flags=flags, cpu_time=0.0)
     assert domain.state == state
+    # `paused` (what fencing checks before pausing again: xl pause nests) agrees with it.
+    assert domain.paused == (flags[2] == "p")
 
 
 def test_xl_list_long_is_json_with_a_config_per_domain() -> None:
@@ -218,6 +227,35 @@ def test_pause_unpause_rename_destroy(xl: Xl, guest: str) -> None:
         await xl.rename(guest + "-b", guest)
         await xl.destroy(guest)
         assert await xl.domain(guest) is None
+
+    run(scenario())
+
+
+@pytest.mark.integration
+def test_a_guest_paused_mid_checkpoint_reads_as_paused(sim_host: Any, xl: Xl, guest: str) -> None:
+    """What a fence looks like while `xl remus` is blocked on a lost stream: the guest is
+    suspended for a checkpoint and then paused. Read as running, the agent would pause it
+    again on every pass (FenceNotInPlace), and xl pause nests."""
+
+    async def scenario() -> None:
+        domain = await xl.domain(guest)
+        assert domain is not None
+        with sim_host.hypercall() as hc:
+            hc.call("domain_suspend", domid=domain.domid, timeout=5.0)
+        suspended = await xl.domain(guest)
+        assert suspended is not None
+        assert (suspended.state, suspended.paused) == ("running", False)
+        await xl.pause(guest)
+        fenced = await xl.domain(guest)
+        assert fenced is not None
+        assert fenced.flags == "--pss-"
+        assert (fenced.state, fenced.paused) == ("paused", True)
+        with sim_host.hypercall() as hc:
+            hc.call("domain_resume", domid=domain.domid)
+        await xl.unpause(guest)
+        running = await xl.domain(guest)
+        assert running is not None
+        assert (running.state, running.paused) == ("running", False)
 
     run(scenario())
 

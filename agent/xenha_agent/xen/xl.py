@@ -61,18 +61,20 @@ class Domain:
 
     @property
     def state(self) -> DomainState:
+        # The flags are independent (xl_list.c prints libxl_dominfo's running, blocked,
+        # paused, shutdown, shutdown reason, dying): `--pss-` is a guest paused by the
+        # toolstack while it was suspended for a checkpoint, e.g. fenced while xl remus was
+        # blocked on a lost stream. The pause is what matters: it reads as paused.
         paused, shutdown, reason, dying = (self.flags[i] for i in range(2, 6))
         if dying == "d":
             return "dying"
-        if shutdown == "s":
-            if reason == "s":
-                # Shut down for suspend: under Remus/COLO that is a checkpoint in progress
-                # (real Xen shows `---ss-` in most samples), so the guest is running.
-                return "running"
+        if shutdown == "s" and reason != "s":
             return "crashed" if reason == "c" else "shutdown"
         if paused == "p":
             return "paused"
-        # "r" (on a CPU) and "b" (blocked, idle) are both a running guest from outside.
+        # Shut down for suspend and not paused: under Remus/COLO a checkpoint in progress
+        # (real Xen shows `---ss-` in most samples), so the guest is running. "r" (on a CPU)
+        # and "b" (blocked, idle) are both a running guest from outside.
         return "running"
 
     @property
