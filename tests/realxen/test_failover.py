@@ -291,11 +291,6 @@ def test_power_cut_fails_over_to_host_b(real_lab: RealLab) -> None:
     report["cut_to_ready_s"] = round(time.monotonic() - t_cut, 1)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the agent trusts `xl help remus` (which lists -c) and retries xl remus -c; it must "
-    "match libxl's 'COLO is not supported' and report ColoUnsupported (issue 9 report)",
-)
 def test_colo_is_reported_unsupported(real_lab: RealLab) -> None:
     """Debian builds libxl without COLO (libxl_no_colo.c) although `xl help remus` lists -c:
     asking for COLO must end in a clear ColoUnsupported, with the guest still running on A."""
