@@ -244,6 +244,8 @@ class Agent:
         self.discovered = False
         self.health_port: int | None = None
         self._flush: asyncio.Task[None] | None = None
+        # uid -> the renewal news being sent to that replicator (see _push_lease_news).
+        self.lease_pushes: dict[str, asyncio.Task[None]] = {}
         self._info_at = 0.0
         # `xl list` runs started, and which of them `domains` comes from (see _refresh_domains).
         self._listings = 0
@@ -292,7 +294,12 @@ class Agent:
                 if task is not stopper and not task.cancelled() and task.exception():
                     raise RuntimeError(f"agent task {task.get_name()} died") from task.exception()
         finally:
-            pending = [*tasks, *self.actions.values(), *(t for _, t in self.fence_leases.values())]
+            pending = [
+                *tasks,
+                *self.actions.values(),
+                *self.lease_pushes.values(),
+                *(t for _, t in self.fence_leases.values()),
+            ]
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
@@ -344,7 +351,41 @@ class Agent:
         if ok and self.events.backlog and (self._flush is None or self._flush.done()):
             # The API answers again: post the Events of what happened without it.
             self._flush = asyncio.create_task(self.events.flush(), name="events-backlog")
+        if ok:
+            self._push_lease_news()
         self.wake.set()
+
+    def _push_lease_news(self, only: str | None = None) -> None:
+        """Tell every replicator about a renewal as soon as it happened.
+
+        Replicators pause their guest on stale renewal news, so the news must not wait for the
+        loop: one pass waits for the slowest of the host's replicators (seconds under load),
+        and with it every guest on the host would go stale and pause. Each replicator gets its
+        own send; a slow one delays only itself. The loop's poll calls it too, for a
+        replicator that missed the news (just launched, or busy when it was sent)."""
+        for uid in [u for u, t in self.lease_pushes.items() if t.done()]:
+            if uid not in self.replicators:
+                del self.lease_pushes[uid]
+        for uid, att in list(self.replicators.items()):
+            if only is not None and uid != only:
+                continue
+            in_flight = self.lease_pushes.get(uid)
+            if in_flight is None or in_flight.done():
+                self.lease_pushes[uid] = asyncio.create_task(
+                    self._send_lease_news(uid, att), name=f"lease-news-{uid}"
+                )
+
+    async def _send_lease_news(self, uid: str, att: Attached) -> None:
+        # Loop so that a renewal landing while a send is in flight is sent right after it.
+        while True:
+            renewed = self.renewer.last_renewal
+            if renewed is None or renewed == att.lease_sent or self.replicators.get(uid) is not att:
+                return
+            try:
+                await att.client.lease(renewed, self._lease_duration(uid))
+            except (ReplicatorUnavailable, ReplicatorError):
+                return  # the loop's poll retries
+            att.lease_sent = renewed
 
     async def refresh_host(self) -> None:
         """Domains, and Xen info now and then; on xl errors the last known values stay."""
@@ -442,11 +483,7 @@ class Agent:
             except ReplicatorError as e:
                 log.warning("replicator uid=%s refused status: %s", uid, e)
                 return
-            renewed = self.renewer.last_renewal
-            if renewed is not None and renewed != att.lease_sent:
-                with contextlib.suppress(ReplicatorUnavailable, ReplicatorError):
-                    await att.client.lease(renewed, self._lease_duration(uid))
-                    att.lease_sent = renewed
+            self._push_lease_news(uid)
 
         await asyncio.gather(*(poll(uid, att) for uid, att in list(self.replicators.items())))
 

@@ -106,6 +106,9 @@ def replicator_config(
         xl=xl,
         xl_env=dict(settings.xl_env),
         heartbeat_timeout_ms=int(settings.heartbeat_timeout * 1000),
+        # Four beats per timeout: enough to ride out one lost beat, and each beat wakes
+        # three threads in each of the replication's two replicators.
+        heartbeat_interval_ms=max(50, int(settings.heartbeat_timeout * 1000 / 4)),
         namespace=view.namespace,
         name=view.name,
     )

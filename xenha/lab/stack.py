@@ -12,13 +12,14 @@
 6. one simulated Xen host per node (``xenha.sim``) with a demo guest each, all sharing one
    ledger, and in front of each host's relay a ``NetPath`` that can be cut;
 7. the operator and one agent per host, as subprocesses, each in its own process group with
-   its log in ``<workdir>/logs``.
+   its log in ``<workdir>/logs``; each agent reaches the apiserver through a ``NetPath`` of
+   its own, which a test can cut to take that agent (and only it) off the API.
 
 Then it applies replications, waits for phases, and injects faults: a power cut (the host's
 simulator, agent, replicators and xl all die at once), a hung host, a rolling restart of an
-agent, a cut network path. ``stop()`` ends everything it started; a reaper process does the
-same if the owner dies first. ``<workdir>/stack.json`` says where everything is, for other
-processes (``xenha lab status``, tests).
+agent, a cut network path, an agent cut off from the API. ``stop()`` ends everything it
+started; a reaper process does the same if the owner dies first. ``<workdir>/stack.json``
+says where everything is, for other processes (``xenha lab status``, tests).
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ from xenha.sim import ledger as ledger_mod
 from xenha.sim import paths as sim_paths
 from xenha.sim.client import ServiceClient
 from xenha.sim.host import SimHost
+from xenha.sim.netpath import NetPath
 
 if TYPE_CHECKING:
     from kubernetes.client import ApiClient
@@ -110,7 +112,9 @@ class Stack:
         self.hosts: dict[str, Host] = {}
         self.guests: dict[str, Guest] = {}
         self.operator_kubeconfig = Path()
+        # The agents' ServiceAccount; each agent dials the apiserver through its own API path.
         self.agent_kubeconfig = Path()
+        self.api_paths: dict[str, NetPath] = {}
         self._api: ApiClient | None = None
         # Kept after stop, so that whoever checks for leftovers knows what to look for.
         self._plane_pids: dict[str, int] = {}
@@ -206,6 +210,8 @@ class Stack:
                         host.sim.stop(timeout=5)
                 if host.netpath is not None:
                     host.netpath.close()
+                if host.name in self.api_paths:
+                    self.api_paths[host.name].close()
                 host.keep_replicator_logs(self.procs.logs)
                 for run in (host.run_dir, sim_paths.run_dir(host.state_dir)):
                     if not run.is_relative_to(self.workdir):
@@ -334,7 +340,7 @@ class Stack:
             f"agent-{host.name}",
             [*_xenha_command(), "agent"],
             env=host.agent_env(
-                kubeconfig=self.agent_kubeconfig,
+                kubeconfig=self._agent_kubeconfig_via_path(host.name),
                 namespace=self.options.agent_namespace,
                 log_level=self.options.log_level,
                 extra=self.options.agent_env,
@@ -342,6 +348,26 @@ class Stack:
             host=host.name,
         )
         return host.agent
+
+    def _agent_kubeconfig_via_path(self, host_name: str) -> Path:
+        """The agents' kubeconfig with the server behind this host's API path, made at the
+        agent's first start and kept across its restarts and power cycles (a cut stays cut)."""
+        target = self.workdir / "kubeconfigs" / f"agent-{host_name}.kubeconfig"
+        if host_name in self.api_paths and target.exists():
+            return target
+        doc = yaml.safe_load(self.agent_kubeconfig.read_text())
+        path = self.api_paths.get(host_name)
+        for entry in doc["clusters"]:
+            scheme, _, hostport = str(entry["cluster"]["server"]).partition("://")
+            api_host, _, api_port = hostport.rstrip("/").rpartition(":")
+            if path is None:
+                path = NetPath((api_host, int(api_port)), name=f"api-{host_name}").start()
+                self.api_paths[host_name] = path
+            # The path listens on 127.0.0.1 as well: the apiserver's certificate still fits.
+            entry["cluster"]["server"] = f"{scheme}://{path.address[0]}:{path.address[1]}"
+        target.write_text(yaml.safe_dump(doc))
+        target.chmod(0o600)
+        return target
 
     def _agent_ready(self, host: Host) -> bool:
         if host.agent is None or not host.agent.alive():
@@ -555,6 +581,21 @@ class Stack:
             if host.netpath is not None:
                 host.netpath.restore()
 
+    def cut_api(self, *names: str) -> None:
+        """Silence the way from these hosts' agents (default: all) to the apiserver, as a dead
+        link on the management network would: their requests and watches hang. The
+        host-to-host paths, the other agents and the operator keep theirs."""
+        for host in self._hosts(names):
+            if host.name in self.api_paths:
+                self.api_paths[host.name].cut()
+        self._save()
+
+    def restore_api(self, *names: str) -> None:
+        for host in self._hosts(names):
+            if host.name in self.api_paths:
+                self.api_paths[host.name].restore()
+        self._save()
+
     def _hosts(self, names: Sequence[str]) -> list[Host]:
         return [self.hosts[n] for n in names] if names else list(self.hosts.values())
 
@@ -601,6 +642,7 @@ class Stack:
                     "simPid": host.sim.pid if host.sim else None,
                     "agent": host.agent.record() if host.agent else None,
                     "pathCut": bool(host.netpath and host.netpath.is_cut),
+                    "apiCut": bool(name in self.api_paths and self.api_paths[name].is_cut),
                 }
                 for name, host in self.hosts.items()
             },
