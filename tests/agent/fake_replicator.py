@@ -36,6 +36,14 @@ class FakeReplicator:
         self.fenced = False
         self.lease: tuple[float, float] | None = None
         self.calls: list[str] = []
+        # Set by the test: status requests go unanswered, as a busy or hung replicator's
+        # would, until the agent gives up on them (hangs up).
+        self.hold_status = False
+        # What arrived, in order: (uid, what, value). Tests that need the order across
+        # replicators give several fakes the same list; one event loop serves them all, so
+        # the order of the list is the order of arrival.
+        self.journal: list[tuple[str, str, Any]] = []
+        self._held = 0
         self._server: asyncio.AbstractServer | None = None
 
     # -- what the test does to it (as the relay would) --------------------------------------
@@ -100,6 +108,7 @@ class FakeReplicator:
             return {"ok": True, "status": self.status()}
         if op == "lease":
             self.lease = (float(request["lastRenewedMonotonic"]), float(request["durationS"]))
+            self.journal.append((self.uid, "lease", self.lease[0]))
             return {"ok": True}
         if op == "activate":
             if self.state not in ("PeerLost", "Activating", "Active"):
@@ -147,12 +156,24 @@ class FakeReplicator:
     async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while line := await reader.readline():
-                writer.write(json.dumps(self.handle(json.loads(line))).encode() + b"\n")
+                request = json.loads(line)
+                if request.get("op") == "status" and self.hold_status:
+                    await self._hold_status(reader)
+                    return
+                writer.write(json.dumps(self.handle(request)).encode() + b"\n")
                 await writer.drain()
         except (ConnectionError, ValueError):
             pass
         finally:
             writer.close()
+
+    async def _hold_status(self, reader: asyncio.StreamReader) -> None:
+        """Answer nothing; the request is outstanding until the agent hangs up."""
+        self._held += 1
+        self.journal.append((self.uid, "status held", self._held))
+        # The agent sends one request per connection: the next thing it does is hang up.
+        await reader.read()
+        self.journal.append((self.uid, "status given up", self._held))
 
     def close(self) -> None:
         """Exit, as the process would: nobody listens on the socket any more."""
