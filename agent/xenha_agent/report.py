@@ -99,7 +99,7 @@ def entry_state(
         return (
             ReplicationState.FENCED,
             "SelfFenced",
-            "guest paused: peer lost and the host Lease not renewed in time",
+            "guest paused: the host Lease was not renewed in time (the standby may take over)",
         )
     if status is not None and status.state is not None:
         return api_state(status.state), status.reason, status.message
