@@ -395,8 +395,13 @@ def domain_state(listing: str, name: str) -> str | None:
 
 
 def domain_running(listing: str, name: str) -> bool:
+    # `------` is a runnable guest waiting for a CPU (common under TCG with a busy dom0): only
+    # paused, shut down (not for a suspend) or dying is not running.
     state = domain_state(listing, name)
-    return state is not None and "p" not in state and ("r" in state or "b" in state)
+    if state is None or len(state) < 6:
+        return False
+    paused, shutdown, reason, dying = state[2], state[3], state[4], state[5]
+    return paused != "p" and dying != "d" and (shutdown != "s" or reason == "s")
 
 
 def xl_console_command(seconds: float, domain: str = scripts.GUEST_NAME) -> str:
