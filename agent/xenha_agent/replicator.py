@@ -559,13 +559,7 @@ class Replicator:
         with self._op_lock:
             if self._state != "Stopping" or self._reason != "SeedingFailed":
                 return  # a request (drop, stop) took over
-            proc = self.xl
-            destroy_exit = None
-            if proc is not None:
-                if proc.poll() is None:
-                    proc.kill()
-                proc.wait()
-                destroy_exit = self._xl_command("destroy", f"{self.config.domain}--incoming")
+            destroy_exit = self._kill_receiver_and_destroy_replica()
             self._release_stdin()
             self._close_acceptor()
             with self._lock:
@@ -760,16 +754,9 @@ class Replicator:
         if self._replica_discarded:
             return {"state": state, "destroyExit": None}  # gone with the failed seeding
         self._set("Stopping", "DropRequested", "killing migrate-receive")
-        proc = self.xl
-        destroy_exit = None
-        if proc is not None:
-            # SIGKILL before its stdin closes: an EOF first would make xl fail over.
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait()
-            destroy_exit = self._xl_command("destroy", f"{self.config.domain}--incoming")
-            if self._colo_refused is not None:
-                self._clear_refused_domain()
+        destroy_exit = self._kill_receiver_and_destroy_replica()
+        if self.xl is not None and self._colo_refused is not None:
+            self._clear_refused_domain()
         if self.link is not None:
             self.link.send_control({"type": "stop", "reason": "replica dropped"})
             self.link.close("replica dropped")
@@ -895,6 +882,18 @@ class Replicator:
             return None
         row = next((r for r in rows if r.name == self.config.domain), None)
         return None if row is None else row.paused
+
+    def _kill_receiver_and_destroy_replica(self) -> int | None:
+        """SIGKILL migrate-receive, then `xl destroy <dom>--incoming`; the destroy's exit code
+        (None: no migrate-receive was started). SIGKILL before its stdin closes: an EOF first
+        would make xl fail over."""
+        proc = self.xl
+        if proc is None:
+            return None
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        return self._xl_command("destroy", f"{self.config.domain}--incoming")
 
     def _xl_command(self, *args: str) -> int:
         argv = [self.config.xl, *args]
