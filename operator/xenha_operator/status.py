@@ -464,14 +464,29 @@ def _validated(roles: decide.Roles, found: Validation) -> tuple[ConditionStatus,
 def _stats_source(
     obs: Observation, roles: decide.Roles, found: Validation
 ) -> NodeReplication | None:
-    """The active node's view of the stream (the standby's while the active is silent)."""
+    """The active node's view of the stream, unless the standby's is newer.
+
+    The two agents report on their own clocks: the standby can say Replicating (and so make
+    the replication Protected) before the active's next report counts the checkpoint it
+    acknowledged. Status never shows Protected with zero checkpoints for that reason.
+    """
     if roles.standby is None:
         return None
-    for node in (roles.active, roles.standby):
-        rep = obs.entry(node)
-        if rep is not None and rep.checkpoints is not None and node in found.responsive:
-            return rep
-    return None
+    views = [
+        rep
+        for node in (roles.active, roles.standby)
+        if (rep := obs.entry(node)) is not None
+        and rep.checkpoints is not None
+        and node in found.responsive
+    ]
+    if not views:
+        return None
+    # max() keeps the first of equals: the active's view wins a tie.
+    return max(views, key=_checkpoints_counted)
+
+
+def _checkpoints_counted(rep: NodeReplication) -> int:
+    return (rep.checkpoints.total or 0) if rep.checkpoints is not None else 0
 
 
 def _last_failover(

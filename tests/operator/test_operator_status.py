@@ -401,6 +401,22 @@ def test_phase_and_roles(
     assert got == (phase, reason, active, standby), story
 
 
+def test_a_standby_ahead_of_the_active_report_supplies_the_checkpoint_stats() -> None:
+    # The agents report on their own clocks: the standby says Replicating after the first
+    # acknowledged checkpoint while the active's last report still counts none.
+    fresh = (
+        node(A, domains=["db1"], entries=[entry("primary", ReplicationState.SEEDING, total=0)]),
+        node(
+            B,
+            domains=["db1--incoming"],
+            entries=[entry("secondary", ReplicationState.REPLICATING, total=1)],
+        ),
+    )
+    status = reconcile(observe(*fresh, lease_holder=A), TIMING).status
+    assert status.phase is Phase.PROTECTED
+    assert status.checkpoints_total == 1
+
+
 def test_protected_status_carries_the_checkpoint_stats_of_the_active_node() -> None:
     status = protected_status()
     assert status.checkpoints_total == 120
