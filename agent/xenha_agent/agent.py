@@ -454,7 +454,8 @@ class Agent:
             self._housekeeping()
             self._update_health_and_metrics()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.wake.wait(), self.settings.tick)
+                async with asyncio.timeout(self.settings.tick):
+                    await self.wake.wait()
 
     async def _poll_replicators(self) -> None:
         async def poll(uid: str, att: Attached) -> None:

@@ -188,7 +188,8 @@ class HostLeaseRenewer:
                 # Conflict/NotFound: the next attempt re-reads; do it soon.
                 delay = min(delay, 0.1)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), delay)
+                async with asyncio.timeout(delay):
+                    await self._wake.wait()
 
 
 def _renewed(lease: Obj, node: str, duration: float, now: datetime) -> Obj:

@@ -207,7 +207,8 @@ class NodeListener:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError("no complete ClientHello in time")
-            await asyncio.wait_for(_readable(loop, conn), left)
+            async with asyncio.timeout(left):
+                await _readable(loop, conn)
             data = conn.recv(_PEEK_MAX, socket.MSG_PEEK)
             if not data:
                 raise ConnectionError("closed before the ClientHello")

@@ -173,15 +173,15 @@ class ReplicatorClient:
 
     async def request(self, message: dict[str, Any]) -> dict[str, Any]:
         try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_unix_connection(str(self.path), limit=1 << 20), self.timeout
-            )
+            async with asyncio.timeout(self.timeout):
+                reader, writer = await asyncio.open_unix_connection(str(self.path), limit=1 << 20)
         except (OSError, TimeoutError) as e:
             raise ReplicatorUnavailable(f"{self.path}: {e}") from None
         try:
             writer.write(json.dumps(message).encode() + b"\n")
             await writer.drain()
-            line = await asyncio.wait_for(reader.readline(), self.timeout)
+            async with asyncio.timeout(self.timeout):
+                line = await reader.readline()
         except (OSError, TimeoutError) as e:
             raise ReplicatorUnavailable(f"{self.path}: {e}") from None
         finally:

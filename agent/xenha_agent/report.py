@@ -265,7 +265,8 @@ class NodeReporter:
             else:
                 timeout = max(self.min_interval, self._last_write_at + self.period - self.clock())
             try:
-                await asyncio.wait_for(self.wake.wait(), timeout)
+                async with asyncio.timeout(timeout):
+                    await self.wake.wait()
                 # Coalesce bursts of changes into one write.
                 await asyncio.sleep(self.min_interval)
             except TimeoutError:

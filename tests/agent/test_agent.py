@@ -79,6 +79,31 @@ def test_agent_reports_its_host_and_becomes_ready(scene, hosts, run):
     run(scenario())
 
 
+@pytest.mark.parametrize(
+    ("task_name", "wake"),
+    [
+        ("loop", lambda agent: agent.wake),
+        ("renewer", lambda agent: agent.renewer._wake),
+        ("report", lambda agent: agent.reporter.wake),
+    ],
+)
+def test_a_loop_cancelled_just_as_it_is_woken_stops(scene, hosts, run, task_name, wake):
+    # Stopping the agent cancels its loops; a loop that is woken in the same instant must not
+    # take the wake-up and drop the cancel (it would run on and hold the shutdown up).
+    async def scenario() -> None:
+        agent = Agent(scene.settings(scene.b, hosts["sim-b"]), launcher=FakeLauncher())
+        async with running(agent):
+            await until(lambda: agent.health.ready)
+            (task,) = [t for t in asyncio.all_tasks() if t.get_name() == task_name]
+            await asyncio.sleep(0.05)  # the loop is between passes, waiting to be woken
+            wake(agent).set()
+            task.cancel()
+            await asyncio.wait({task}, timeout=5)
+            assert task.done(), f"{task_name} ran on after its cancel"
+
+    run(scenario())
+
+
 def test_standby_takes_over_when_the_holder_goes_silent(scene, hosts, run):
     launcher = FakeLauncher()
 

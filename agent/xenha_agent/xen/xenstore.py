@@ -80,7 +80,8 @@ class XenStore:
                 raise XenStoreError(f"xenstore at {self.socket_path}: {e}") from e
 
         try:
-            return await asyncio.wait_for(asyncio.to_thread(run), self.timeout)
+            async with asyncio.timeout(self.timeout):
+                return await asyncio.to_thread(run)
         except TimeoutError:
             raise XenStoreError(f"xenstore at {self.socket_path}: no answer") from None
 

@@ -227,7 +227,8 @@ class Xl:
             env=self.env,
         )
         try:
-            out, err = await asyncio.wait_for(proc.communicate(), self.timeout)
+            async with asyncio.timeout(self.timeout):
+                out, err = await proc.communicate()
         except TimeoutError:
             await _kill(proc)
             raise XlTimeout(argv, -9, "timed out") from None
