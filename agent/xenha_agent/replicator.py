@@ -78,12 +78,14 @@ from xenha_agent.replicator_client import (
 )
 from xenha_agent.replicator_config import ConfigError, ReplicatorConfig
 from xenha_agent.tls import server_context
-from xenha_agent.xen.xl import XlOutputError, parse_list
+from xenha_agent.xen.xl import Domain, XlOutputError, parse_list
 
 log = logging.getLogger("xenha.replicator")
 
 _EVENTS_KEPT = 200
 _OUTPUT_KEPT = 40
+# How `xl list` names a domain whose xenstore entries are gone (a failed restore's leftover).
+_NAMELESS = "(null)"
 # xl's own words for the moments that matter (tools/xl/xl_migrate.c).
 _XL_MARKERS = {
     "Backup failed? resuming domain at primary": "xl-resumed-at-primary",
@@ -121,6 +123,9 @@ class Replicator:
         self._replica_discarded = False
         # Secondary: the domain a refused COLO restore left behind was dealt with.
         self._refused_domain_cleared = False
+        # Secondary: the domids listed before migrate-receive started. A failed restore can
+        # leave a nameless domain that nothing else identifies (see _destroy_leftovers).
+        self._domids_before_receive: frozenset[int] | None = None
         self._xl_exit: int | None = None
         self._xl_done = threading.Event()
         self._transport: socket.socket | None = None  # primary: the pipe's connection
@@ -465,6 +470,10 @@ class Replicator:
                 tls.close()
                 return
         self._event("connected", f"from {cfg.peer_node} at {peer}")
+        listed = self._xl_list()
+        self._domids_before_receive = (
+            frozenset(d.domid for d in listed) if listed is not None else None
+        )
         proc = self._start_xl(stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         assert proc.stdin is not None
         assert proc.stdout is not None
@@ -521,35 +530,46 @@ class Replicator:
 
     def _clear_refused_domain(self) -> None:
         """Real xl leaves the domain it made for a refused COLO restore behind, paused and
-        nameless (`(null)` in `xl list`): only its domid, from libxl's message, removes it."""
+        nameless (`(null)` in `xl list`): its domid, from libxl's message, removes it."""
         with self._lock:
             line, done = self._colo_refused, self._refused_domain_cleared
             self._refused_domain_cleared = True
-        domid = logged_domid(line) if line is not None else None
-        if done or domid is None:
-            return
-        name = self._xl_domain_name(domid)
-        # Only what this receiver made: nameless, or under our incoming name.
-        if name in ("(null)", f"{self.config.domain}--incoming"):
-            code = self._xl_command("destroy", str(domid))
-            self._event("refused-domain-destroyed", f"domain {domid} {name}: exit {code}")
+        if not done:
+            self._destroy_leftovers(logged_domid(line) if line is not None else None)
 
-    def _xl_domain_name(self, domid: int) -> str | None:
-        """The name `xl list <domid>` gives the domain, or None."""
-        argv = [self.config.xl, "list", str(domid)]
+    def _destroy_leftovers(self, domid: int | None = None) -> None:
+        """Destroy what this receiver's restore left behind: domain `domid` if given, else
+        every domain that appeared since migrate-receive started and has no name. A restore
+        that fails before xl says so (killed when the stream ends first, as when the sender's
+        own COLO refusal closes it) leaves a `(null)` domain whose domid nothing prints."""
+        listed = self._xl_list()
+        if listed is None:
+            return
+        if domid is not None:
+            candidates = [d for d in listed if d.domid == domid]
+        elif self._domids_before_receive is not None:
+            before = self._domids_before_receive
+            candidates = [d for d in listed if d.domid not in before and d.name == _NAMELESS]
+        else:
+            return
+        for d in candidates:
+            # Only what this receiver made: nameless, or under our incoming name.
+            if d.name in (_NAMELESS, f"{self.config.domain}--incoming"):
+                code = self._xl_command("destroy", str(d.domid))
+                self._event("leftover-domain-destroyed", f"domain {d.domid} {d.name}: exit {code}")
+
+    def _xl_list(self, *names: str) -> list[Domain] | None:
+        """`xl list [names]` parsed; None when xl cannot tell (the reason is an event)."""
+        argv = [self.config.xl, "list", *names]
         env = {**os.environ, **self.config.xl_env}
         try:
             done = subprocess.run(argv, env=env, capture_output=True, timeout=30, check=False)
-        except (OSError, subprocess.TimeoutExpired):
+            if done.returncode != 0:
+                return None
+            return parse_list(done.stdout.decode(errors="replace"))
+        except (OSError, subprocess.TimeoutExpired, XlOutputError) as e:
+            self._event("xl-command-failed", f"{' '.join(argv)}: {e}")
             return None
-        if done.returncode != 0:
-            return None
-        for row in done.stdout.decode(errors="replace").splitlines()[1:]:
-            # Name ID Mem VCPUs State Time(s): names may hold spaces, the rest never do.
-            cells = row.rsplit(None, 5)
-            if len(cells) == 6 and cells[1] == str(domid):
-                return cells[0].strip()
-        return None
 
     def _discard_seed(self, why: str) -> None:
         """The stream broke before the first complete checkpoint: the replica holds nothing
@@ -870,30 +890,23 @@ class Replicator:
 
     def _domain_paused(self) -> bool | None:
         """Whether `xl list` shows our domain paused; None if xl cannot tell."""
-        argv = [self.config.xl, "list", self.config.domain]
-        env = {**os.environ, **self.config.xl_env}
-        try:
-            done = subprocess.run(argv, env=env, capture_output=True, timeout=30, check=False)
-            if done.returncode != 0:
-                return None
-            rows = parse_list(done.stdout.decode(errors="replace"))
-        except (OSError, subprocess.TimeoutExpired, XlOutputError) as e:
-            self._event("xl-command-failed", f"{' '.join(argv)}: {e}")
-            return None
-        row = next((r for r in rows if r.name == self.config.domain), None)
+        rows = self._xl_list(self.config.domain)
+        row = next((r for r in rows or [] if r.name == self.config.domain), None)
         return None if row is None else row.paused
 
     def _kill_receiver_and_destroy_replica(self) -> int | None:
-        """SIGKILL migrate-receive, then `xl destroy <dom>--incoming`; the destroy's exit code
-        (None: no migrate-receive was started). SIGKILL before its stdin closes: an EOF first
-        would make xl fail over."""
+        """SIGKILL migrate-receive, then `xl destroy <dom>--incoming` and any nameless domain
+        its restore left; the first destroy's exit code (None: no migrate-receive was
+        started). SIGKILL before its stdin closes: an EOF first would make xl fail over."""
         proc = self.xl
         if proc is None:
             return None
         if proc.poll() is None:
             proc.kill()
         proc.wait()
-        return self._xl_command("destroy", f"{self.config.domain}--incoming")
+        code = self._xl_command("destroy", f"{self.config.domain}--incoming")
+        self._destroy_leftovers()
+        return code
 
     def _xl_command(self, *args: str) -> int:
         argv = [self.config.xl, *args]

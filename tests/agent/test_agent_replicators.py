@@ -164,13 +164,18 @@ def test_restarting_both_agents_keeps_the_stream_and_fails_nothing_over(
         await asyncio.sleep(LEASE + 1)
         async with running(Agent(settings(scene.b, hb))), running(Agent(settings(scene.a, ha))):
             await asyncio.sleep(LEASE + 1)
-            # No renewal for longer than D - margin: the primary's replicator paused the guest
-            # (issue #5); the new agent renews, resumes it, and the same stream goes on.
-            await until(lambda: state_is(scene, scene.a, "Replicating"), seconds=30)
-            await until(lambda: not paused(ha, scene.domain), seconds=30)
-            assert replicator_pids() == before
-            assert await state_is(scene, scene.b, "Replicating")
-            assert await scene.holder() == scene.a
-            assert not await has_event(scene, "FailoverActivated")
+            try:
+                # No renewal for longer than D - margin: the primary's replicator paused the
+                # guest (issue #5); the new agent renews, resumes it, and the same stream goes
+                # on.
+                await until(lambda: state_is(scene, scene.a, "Replicating"), seconds=30)
+                await until(lambda: not paused(ha, scene.domain), seconds=30)
+                assert replicator_pids() == before
+                assert await state_is(scene, scene.b, "Replicating")
+                assert await scene.holder() == scene.a
+                assert not await has_event(scene, "FailoverActivated")
+            except AssertionError:
+                _dump_logs(scene)
+                raise
 
     run(scenario())

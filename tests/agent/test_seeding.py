@@ -111,6 +111,8 @@ def test_a_standby_that_loses_the_stream_while_seeding_is_seeded_again(
         await scene.create(lease_seconds=LEASE, designated=False)
         await real_tls(scene)
         ha.create_guest(scene.domain, memory_mib=16, dirty_rate=50)
+        # A nameless leftover from before: not this receiver's, so never its to destroy.
+        older = hb.create_guest("(null)", memory_mib=16, paused=True)["domid"]
         agent_b = Agent(
             scene.settings(
                 scene.b,
@@ -133,6 +135,12 @@ def test_a_standby_that_loses_the_stream_while_seeding_is_seeded_again(
                 assert ha.xl("pause", scene.domain).returncode == 0
                 first = gated_receiver(scene, scene.b)
                 assert first is not None
+                # What a restore killed before it could say why leaves (a refused COLO
+                # restore, when the sender's refusal ends the stream first): a nameless,
+                # paused domain whose domid nothing prints.
+                before = domids(hb)
+                hb.create_guest("(null)", memory_mib=16, paused=True)
+                (leftover,) = domids(hb) - before
                 os.kill(first, signal.SIGCONT)
                 await until(lambda: hb.domain(incoming) is not None, seconds=30)
                 status = replicator_status(scene, scene.b)
@@ -150,6 +158,8 @@ def test_a_standby_that_loses_the_stream_while_seeding_is_seeded_again(
                 await until(lambda: hb.domain(incoming) is None, seconds=30)
                 await until(lambda: _gated_again(scene, first), seconds=60)
                 assert hb.domain(incoming) is None
+                assert leftover not in domids(hb), "the restore's nameless leftover is gone"
+                assert older in domids(hb), "a leftover from before is not this receiver's"
                 stops = await event_messages(scene, "ReplicatorStopped")
                 assert any("SeedingFailed" in m for m in stops), stops
 
@@ -178,6 +188,10 @@ def test_a_standby_that_loses_the_stream_while_seeding_is_seeded_again(
         path.close()
         with contextlib.suppress(OSError):
             gate.unlink()
+
+
+def domids(host: Any) -> set[int]:
+    return {int(d["domid"]) for d in host.domains()}
 
 
 def _gated_again(scene: Scene, first: int) -> bool:

@@ -24,6 +24,10 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[[str, Mapping[str, Any]], Mapping[str, Any]]
 
+# How xl lists a domain that has no name (a failed restore's leftover). Unlike names, it
+# is not unique: any number of nameless domains can exist.
+NAMELESS = "(null)"
+
 
 class HypercallError(OSError):
     """A hypercall failed; `name` is the errno name (`ESRCH`: no such domain)."""

@@ -29,7 +29,7 @@ from typing import Any
 
 from xenha.sim import guest
 from xenha.sim.domstore import DomainStore
-from xenha.sim.hypercall import HypercallClient, HypercallError, no_such_domain
+from xenha.sim.hypercall import NAMELESS, HypercallClient, HypercallError, no_such_domain
 from xenha.sim.ledger import Ledger
 from xenha.sim.output import Mode, OutputGate
 from xenha.sim.service import Service, reserve_port
@@ -515,7 +515,7 @@ class Hypervisor:
             )
         with self._lock:
             names = {d.name for d in self.domains()} | {DOM0_NAME}
-            if spec.name in names:
+            if spec.name in names and spec.name != NAMELESS:
                 raise HypercallError(
                     errno.EEXIST, f'domain with name "{spec.name}" already exists.'
                 )

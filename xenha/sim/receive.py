@@ -30,7 +30,7 @@ import zlib
 from typing import Any, Literal, TextIO
 
 from xenha.sim import guest
-from xenha.sim.hypercall import HypercallClient, HypercallError
+from xenha.sim.hypercall import NAMELESS, HypercallClient, HypercallError
 from xenha.stream import format as fmt
 from xenha.stream.errors import StreamError
 from xenha.stream.format import CheckpointState, Layer, LibxcRecord, LibxlRecord
@@ -45,8 +45,6 @@ from xenha.stream.parser import (
 ERROR_FAIL = -3
 ERROR_INVAL = -6
 READ_CHUNK = 1 << 20
-# How `xl list` names a domain whose name libxl never wrote.
-NAMELESS = "(null)"
 
 Mode = Literal["remus", "colo"]
 
@@ -193,7 +191,7 @@ class Receiver:
                     "domain_create", config=config, paused=True, incoming=True, colo=False
                 )
             except HypercallError:
-                raise _ColoRefused(None) from None  # e.g. another "(null)" is still there
+                raise _ColoRefused(None) from None  # e.g. no memory left for it
             raise _ColoRefused(int(made["domain"]["domid"]))
         config["c_info"]["name"] = f"{name}--incoming"
         info = self._call(
