@@ -59,6 +59,7 @@ from xenha_agent.kube import (
     xenreplications_path,
 )
 from xenha_agent.leases import (
+    Cas,
     HostLeaseRenewer,
     HostLeaseWatcher,
     Outcome,
@@ -608,6 +609,15 @@ class Agent:
         if retry is not None:
             log.info("uid=%s: %s done after %d failed attempts", uid, what, retry.failures)
 
+    def _answered(self, uid: str, what: str, got: Cas) -> bool:
+        """Whether a fencing-Lease write got an answer (any: won, lost, refused); if not, the
+        next attempt is spaced out as `_failed` says."""
+        if got.outcome is Outcome.UNAVAILABLE:
+            self._failed(uid, what, f"{got.outcome.value} {got.reason}".strip())
+            return False
+        self._succeeded(uid, what)
+        return True
+
     # -- decisions --------------------------------------------------------------------------
 
     def _decide(self) -> None:
@@ -1024,10 +1034,8 @@ class Agent:
                 holder_silent=holder_silent,
                 wallclock=self.wallclock,
             )
-            if got.outcome is Outcome.UNAVAILABLE:
-                self._failed(uid, "take over", f"{got.outcome.value} {got.reason}".strip())
+            if not self._answered(uid, "take over", got):
                 return
-            self._succeeded(uid, "take over")
             if not got.won:
                 log.info("uid=%s: no takeover: %s %s", uid, got.outcome.value, got.reason)
                 if got.outcome is Outcome.LOST and got.holder not in (None, self.me):
@@ -1090,15 +1098,13 @@ class Agent:
         got = await designate_standby(
             self.kube, record.namespace, record.fence_lease, self.me, standby
         )
-        if got.outcome is Outcome.UNAVAILABLE:
+        if not self._answered(uid, "designate standby", got):
             if got.in_doubt_at is not None:
                 # Sent, unanswered: until the Lease moves past the version this write was
                 # conditional on, a standby may be named without our knowing it.
                 self.designation_doubt[uid] = got.in_doubt_at
-            self._failed(uid, "designate standby", f"{got.outcome.value} {got.reason}".strip())
             return
         self.designation_doubt.pop(uid, None)
-        self._succeeded(uid, "designate standby")
         if got.won:
             log.info("uid=%s: %s designated as the valid standby", uid, standby)
         else:
@@ -1117,10 +1123,8 @@ class Agent:
             touch=in_doubt,
             wallclock=self.wallclock,
         )
-        if got.outcome is Outcome.UNAVAILABLE:
-            self._failed(uid, "revoke standby", f"{got.outcome.value} {got.reason}".strip())
+        if not self._answered(uid, "revoke standby", got):
             return
-        self._succeeded(uid, "revoke standby")
         if got.won:
             self.designation_doubt.pop(uid, None)
             log.info("uid=%s: standby revoked: no takeover is possible any more", uid)
@@ -1375,10 +1379,8 @@ class Agent:
         got = await transfer_fencing_lease(
             self.kube, record.namespace, record.fence_lease, self.me, to, wallclock=self.wallclock
         )
-        if got.outcome is Outcome.UNAVAILABLE:
-            self._failed(uid, "hand over", f"{got.outcome.value} {got.reason}".strip())
+        if not self._answered(uid, "hand over", got):
             return
-        self._succeeded(uid, "hand over")
         log.info(
             "uid=%s: switchover: hand the fencing Lease to %s: %s %s",
             uid,

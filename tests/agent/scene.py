@@ -28,6 +28,8 @@ from xenha_agent.kube import (
 from xenha_agent.leases import STANDBY_ANNOTATION, HostLeaseRenewer, lease_standby, micro_time
 from xenha_agent.report import xennode
 
+from .fake_replicator import FakeLauncher, FakeReplicator
+
 # Lease duration of every scene, seconds.
 D = 2
 
@@ -206,6 +208,25 @@ async def running(agent: Agent) -> AsyncIterator[Agent]:
     finally:
         stop.set()
         await asyncio.wait_for(task, 15)
+
+
+@asynccontextmanager
+async def active_agent(
+    scene: Scene, host: Any, launcher: FakeLauncher, **create: Any
+) -> AsyncIterator[tuple[Agent, FakeReplicator]]:
+    """Node a as the operator leaves it: the XenReplication (`create` passes on), b's XenNode,
+    the guest on `host`, and the agent under test running with its (fake) primary replicator
+    launched. The guest is destroyed afterwards."""
+    await scene.create(**create)
+    await scene.peer_xennode(scene.b)
+    host.create_guest(scene.domain, memory_mib=16)
+    agent = Agent(scene.settings(scene.a, host), launcher=launcher)
+    try:
+        async with running(agent):
+            await until(lambda: bool(launcher.replicators))
+            yield agent, launcher.by_role("primary")
+    finally:
+        host.xl("destroy", scene.domain)
 
 
 async def until(

@@ -24,6 +24,7 @@ from xenha_agent.xen.xl import Domain, Xl
 from .fake_replicator import FakeLauncher
 from .scene import (
     D,
+    active_agent,
     has_event,
     host_lease_renewed_once,
     paused,
@@ -214,22 +215,13 @@ def test_active_designates_its_standby_once_a_checkpoint_is_acknowledged(scene, 
     host = hosts["sim-a"]
 
     async def scenario() -> None:
-        await scene.create(designated=False)
-        await scene.peer_xennode(scene.b)
-        host.create_guest(scene.domain, memory_mib=16)
-        agent = Agent(scene.settings(scene.a, host), launcher=launcher)
-        try:
-            async with running(agent):
-                await until(fake(launcher))
-                primary = launcher.by_role("primary")
-                assert primary.config.peer_address == "127.0.0.1:1"
-                primary.connect(checkpoints=0)  # seeding: no valid standby yet
-                await asyncio.sleep(1)
-                assert await scene.designated() is None
-                primary.checkpoints = 1
-                await until(lambda: _designated_is(scene, scene.b))
-        finally:
-            host.xl("destroy", scene.domain)
+        async with active_agent(scene, host, launcher, designated=False) as (_, primary):
+            assert primary.config.peer_address == "127.0.0.1:1"
+            primary.connect(checkpoints=0)  # seeding: no valid standby yet
+            await asyncio.sleep(1)
+            assert await scene.designated() is None
+            primary.checkpoints = 1
+            await until(lambda: _designated_is(scene, scene.b))
 
     run(scenario())
 
@@ -239,25 +231,16 @@ def test_active_revokes_the_standby_before_releasing_held_output(scene, hosts, r
     host = hosts["sim-a"]
 
     async def scenario() -> None:
-        await scene.create()
-        await scene.peer_xennode(scene.b)
-        host.create_guest(scene.domain, memory_mib=16)
-        agent = Agent(scene.settings(scene.a, host), launcher=launcher)
-        try:
-            async with running(agent):
-                await until(fake(launcher))
-                primary = launcher.by_role("primary")
-                primary.connect()
-                primary.lose_peer()
-                await until(lambda: "degrade" in primary.calls)
-                # The revoke landed before the release.
-                assert await scene.designated() is None
-                assert await scene.holder() == scene.a
-                assert "fence" not in primary.calls
-                assert not paused(host, scene.domain)
-                await until(lambda: has_event(scene, "RunningUnprotected"))
-        finally:
-            host.xl("destroy", scene.domain)
+        async with active_agent(scene, host, launcher) as (_, primary):
+            primary.connect()
+            primary.lose_peer()
+            await until(lambda: "degrade" in primary.calls)
+            # The revoke landed before the release.
+            assert await scene.designated() is None
+            assert await scene.holder() == scene.a
+            assert "fence" not in primary.calls
+            assert not paused(host, scene.domain)
+            await until(lambda: has_event(scene, "RunningUnprotected"))
 
     run(scenario())
 
@@ -267,37 +250,28 @@ def test_active_fences_itself_without_api_and_peer_then_resumes(scene, hosts, ru
     host = hosts["sim-a"]
 
     async def scenario() -> None:
-        await scene.create()
-        await scene.peer_xennode(scene.b)
-        host.create_guest(scene.domain, memory_mib=16)
-        agent = Agent(scene.settings(scene.a, host), launcher=launcher)
-        try:
-            async with running(agent):
-                await until(fake(launcher))
-                primary = launcher.by_role("primary")
-                primary.connect()
-                await until(lambda: primary.lease is not None)
-                real_host = agent.kube.connection.host
-                # Cut this agent off from the API server, then lose the peer too: it cannot
-                # revoke, so it holds the output and pauses before the standby may take over.
-                agent.kube.connection.host = "https://127.0.0.1:1"
-                primary.lose_peer()
-                await until(lambda: "fence" in primary.calls, seconds=D + 5)
-                assert paused(host, scene.domain)
-                assert "degrade" not in primary.calls
-                # Back on the API: revoke, release, resume (the fencing Lease is still ours).
-                agent.kube.connection.host = real_host
-                await until(lambda: not paused(host, scene.domain), seconds=D + 10)
-                assert "degrade" in primary.calls
-                assert await scene.designated() is None
-                if "unfence" in primary.calls:
-                    assert primary.calls.index("degrade") < primary.calls.index("unfence")
-                # (Or, if the renewal came back after the release, the broken stream's
-                # replicator was stopped first and the guest unpaused with xl.)
-                await until(lambda: has_event(scene, "SelfFenced"))
-                await until(lambda: has_event(scene, "FenceLifted"))
-        finally:
-            host.xl("destroy", scene.domain)
+        async with active_agent(scene, host, launcher) as (agent, primary):
+            primary.connect()
+            await until(lambda: primary.lease is not None)
+            real_host = agent.kube.connection.host
+            # Cut this agent off from the API server, then lose the peer too: it cannot
+            # revoke, so it holds the output and pauses before the standby may take over.
+            agent.kube.connection.host = "https://127.0.0.1:1"
+            primary.lose_peer()
+            await until(lambda: "fence" in primary.calls, seconds=D + 5)
+            assert paused(host, scene.domain)
+            assert "degrade" not in primary.calls
+            # Back on the API: revoke, release, resume (the fencing Lease is still ours).
+            agent.kube.connection.host = real_host
+            await until(lambda: not paused(host, scene.domain), seconds=D + 10)
+            assert "degrade" in primary.calls
+            assert await scene.designated() is None
+            if "unfence" in primary.calls:
+                assert primary.calls.index("degrade") < primary.calls.index("unfence")
+            # (Or, if the renewal came back after the release, the broken stream's
+            # replicator was stopped first and the guest unpaused with xl.)
+            await until(lambda: has_event(scene, "SelfFenced"))
+            await until(lambda: has_event(scene, "FenceLifted"))
 
     run(scenario())
 
@@ -314,36 +288,27 @@ def test_active_cut_off_from_the_api_only_pauses_with_the_stream_alive_then_resu
     host = hosts["sim-a"]
 
     async def scenario() -> None:
-        await scene.create()
-        await scene.peer_xennode(scene.b)
-        host.create_guest(scene.domain, memory_mib=16)
-        agent = Agent(scene.settings(scene.a, host), launcher=launcher)
-        try:
-            async with running(agent):
-                await until(fake(launcher))
-                primary = launcher.by_role("primary")
-                primary.connect()
-                await until(lambda: primary.lease is not None)
-                before = await scene.admin.get(leases_path(scene.ns, "db1-fence"))
-                real_host = agent.kube.connection.host
-                agent.kube.connection.host = "https://127.0.0.1:1"
-                await until(lambda: "fence" in primary.calls, seconds=D + 5)
-                assert paused(host, scene.domain)
-                assert primary.peer_connected
-                assert "degrade" not in primary.calls
-                agent.kube.connection.host = real_host
-                await until(lambda: "unfence" in primary.calls, seconds=D + 10)
-                await until(lambda: not paused(host, scene.domain))
-                after = await scene.admin.get(leases_path(scene.ns, "db1-fence"))
-                # The resume wrote the Lease (a new version) and kept the designation.
-                assert after["metadata"]["resourceVersion"] != before["metadata"]["resourceVersion"]
-                assert await scene.designated() == scene.b
-                assert await scene.holder() == scene.a
-                assert launcher.launched == [primary.config]  # no new replicator: no reseed
-                await until(lambda: has_event(scene, "SelfFenced"))
-                await until(lambda: has_event(scene, "FenceLifted"))
-        finally:
-            host.xl("destroy", scene.domain)
+        async with active_agent(scene, host, launcher) as (agent, primary):
+            primary.connect()
+            await until(lambda: primary.lease is not None)
+            before = await scene.admin.get(leases_path(scene.ns, "db1-fence"))
+            real_host = agent.kube.connection.host
+            agent.kube.connection.host = "https://127.0.0.1:1"
+            await until(lambda: "fence" in primary.calls, seconds=D + 5)
+            assert paused(host, scene.domain)
+            assert primary.peer_connected
+            assert "degrade" not in primary.calls
+            agent.kube.connection.host = real_host
+            await until(lambda: "unfence" in primary.calls, seconds=D + 10)
+            await until(lambda: not paused(host, scene.domain))
+            after = await scene.admin.get(leases_path(scene.ns, "db1-fence"))
+            # The resume wrote the Lease (a new version) and kept the designation.
+            assert after["metadata"]["resourceVersion"] != before["metadata"]["resourceVersion"]
+            assert await scene.designated() == scene.b
+            assert await scene.holder() == scene.a
+            assert launcher.launched == [primary.config]  # no new replicator: no reseed
+            await until(lambda: has_event(scene, "SelfFenced"))
+            await until(lambda: has_event(scene, "FenceLifted"))
 
     run(scenario())
 
@@ -353,41 +318,32 @@ def test_a_resume_that_fails_is_reported_and_retried_and_the_guest_stays_paused(
     host = hosts["sim-a"]
 
     async def scenario() -> None:
-        await scene.create()
-        await scene.peer_xennode(scene.b)
-        host.create_guest(scene.domain, memory_mib=16)
-        agent = Agent(scene.settings(scene.a, host), launcher=launcher)
-        try:
-            async with running(agent):
-                await until(fake(launcher))
-                primary = launcher.by_role("primary")
-                primary.connect()
-                await until(lambda: primary.lease is not None)
-                real_host = agent.kube.connection.host
-                agent.kube.connection.host = "https://127.0.0.1:1"
-                await until(lambda: "fence" in primary.calls, seconds=D + 5)
-                answer = primary.handle
+        async with active_agent(scene, host, launcher) as (agent, primary):
+            primary.connect()
+            await until(lambda: primary.lease is not None)
+            real_host = agent.kube.connection.host
+            agent.kube.connection.host = "https://127.0.0.1:1"
+            await until(lambda: "fence" in primary.calls, seconds=D + 5)
+            answer = primary.handle
 
-                def refuse_unfence(request: dict[str, Any]) -> dict[str, Any]:
-                    if request.get("op") == "unfence":
-                        primary.calls.append("unfence")
-                        return {"ok": False, "error": "xl unpause failed", "state": "Fenced"}
-                    return answer(request)
+            def refuse_unfence(request: dict[str, Any]) -> dict[str, Any]:
+                if request.get("op") == "unfence":
+                    primary.calls.append("unfence")
+                    return {"ok": False, "error": "xl unpause failed", "state": "Fenced"}
+                return answer(request)
 
-                primary.handle = refuse_unfence  # type: ignore[method-assign]
-                agent.kube.connection.host = real_host
-                await until(lambda: has_event(scene, "FenceLiftFailed"), seconds=D + 10)
-                await until(lambda: primary.calls.count("unfence") >= 3)
-                # Not lifted behind the replicator's back: still paused, still recorded fenced.
-                assert paused(host, scene.domain)
-                assert not await has_event(scene, "FenceLifted")
-                primary.handle = answer  # type: ignore[method-assign]
-                await until(lambda: not paused(host, scene.domain))
-                await until(lambda: has_event(scene, "FenceLifted"))
-                reasons = await scene.event_reasons()
-                assert reasons.count("FenceLiftFailed") == 1  # the same failure, told once
-        finally:
-            host.xl("destroy", scene.domain)
+            primary.handle = refuse_unfence  # type: ignore[method-assign]
+            agent.kube.connection.host = real_host
+            await until(lambda: has_event(scene, "FenceLiftFailed"), seconds=D + 10)
+            await until(lambda: primary.calls.count("unfence") >= 3)
+            # Not lifted behind the replicator's back: still paused, still recorded fenced.
+            assert paused(host, scene.domain)
+            assert not await has_event(scene, "FenceLifted")
+            primary.handle = answer  # type: ignore[method-assign]
+            await until(lambda: not paused(host, scene.domain))
+            await until(lambda: has_event(scene, "FenceLifted"))
+            reasons = await scene.event_reasons()
+            assert reasons.count("FenceLiftFailed") == 1  # the same failure, told once
 
     run(scenario())
 
@@ -399,23 +355,14 @@ def test_an_unreachable_api_is_retried_spaced_out_and_logged_once(scene, hosts, 
     host = hosts["sim-a"]
 
     async def scenario() -> None:
-        await scene.create()
-        await scene.peer_xennode(scene.b)
-        host.create_guest(scene.domain, memory_mib=16)
-        agent = Agent(scene.settings(scene.a, host), launcher=launcher)
-        try:
-            async with running(agent):
-                await until(fake(launcher))
-                primary = launcher.by_role("primary")
-                primary.connect()
-                await until(lambda: primary.lease is not None)
-                agent.kube.connection.host = "https://127.0.0.1:1"
-                primary.lose_peer()
-                await until(lambda: "fence" in primary.calls, seconds=D + 5)
-                await until(lambda: agent.retries.get((scene.uid, "revoke standby")) is not None)
-                await until(lambda: agent.retries[(scene.uid, "revoke standby")].failures >= 6)
-        finally:
-            host.xl("destroy", scene.domain)
+        async with active_agent(scene, host, launcher) as (agent, primary):
+            primary.connect()
+            await until(lambda: primary.lease is not None)
+            agent.kube.connection.host = "https://127.0.0.1:1"
+            primary.lose_peer()
+            await until(lambda: "fence" in primary.calls, seconds=D + 5)
+            await until(lambda: agent.retries.get((scene.uid, "revoke standby")) is not None)
+            await until(lambda: agent.retries[(scene.uid, "revoke standby")].failures >= 6)
 
     with caplog.at_level("INFO", logger="xenha_agent.agent"):
         run(scenario())
@@ -428,22 +375,13 @@ def test_old_active_destroys_its_copy_once_the_lease_names_the_standby(scene, ho
     host = hosts["sim-a"]
 
     async def scenario() -> None:
-        await scene.create()
-        await scene.peer_xennode(scene.b)
-        host.create_guest(scene.domain, memory_mib=16)
-        agent = Agent(scene.settings(scene.a, host), launcher=launcher)
-        try:
-            async with running(agent):
-                await until(fake(launcher))
-                primary = launcher.by_role("primary")
-                primary.connect()
-                primary.lose_peer()
-                await scene.set_holder(scene.b)  # the standby took over
-                await until(lambda: host.domain(scene.domain) is None, seconds=10)
-                await until(lambda: has_event(scene, "CopyDestroyed"))
-                assert "stop" in primary.calls
-        finally:
-            host.xl("destroy", scene.domain)
+        async with active_agent(scene, host, launcher) as (_, primary):
+            primary.connect()
+            primary.lose_peer()
+            await scene.set_holder(scene.b)  # the standby took over
+            await until(lambda: host.domain(scene.domain) is None, seconds=10)
+            await until(lambda: has_event(scene, "CopyDestroyed"))
+            assert "stop" in primary.calls
 
     run(scenario())
 
@@ -517,28 +455,19 @@ def test_a_switchover_whose_stream_is_lost_resumes_the_guest_where_it_ran(scene,
     host_a = hosts["sim-a"]
 
     async def scenario() -> None:
-        await scene.create()
-        await scene.peer_xennode(scene.b)
-        host_a.create_guest(scene.domain, memory_mib=16)
-        agent = Agent(scene.settings(scene.a, host_a), launcher=launcher)
-        try:
-            async with running(agent):
-                await until(fake(launcher))
-                primary = launcher.by_role("primary")
-                primary.connect(checkpoints=5)
-                primary.acknowledged = 4
-                await scene.switchover_to(scene.b)
-                await until(lambda: "fence" in primary.calls)
-                primary.lose_peer()
-                # The standby's copy is revoked, the held output released, the guest resumed.
-                await until(lambda: _designated_is(scene, None), seconds=5)
-                await until(lambda: "unfence" in primary.calls, seconds=5)
-                assert not paused(host_a, scene.domain)
-                assert "degrade" in primary.calls
-                assert await scene.holder() == scene.a
-                assert not await has_event(scene, "SelfFenced")
-        finally:
-            host_a.xl("destroy", scene.domain)
+        async with active_agent(scene, host_a, launcher) as (_, primary):
+            primary.connect(checkpoints=5)
+            primary.acknowledged = 4
+            await scene.switchover_to(scene.b)
+            await until(lambda: "fence" in primary.calls)
+            primary.lose_peer()
+            # The standby's copy is revoked, the held output released, the guest resumed.
+            await until(lambda: _designated_is(scene, None), seconds=5)
+            await until(lambda: "unfence" in primary.calls, seconds=5)
+            assert not paused(host_a, scene.domain)
+            assert "degrade" in primary.calls
+            assert await scene.holder() == scene.a
+            assert not await has_event(scene, "SelfFenced")
 
     run(scenario())
 

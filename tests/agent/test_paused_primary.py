@@ -18,10 +18,9 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from xenha_agent.agent import Agent
 
 from .fake_replicator import FakeLauncher
-from .scene import Scene, has_event, paused, running, until
+from .scene import Scene, active_agent, has_event, paused, until
 
 pytestmark = pytest.mark.integration
 
@@ -43,28 +42,19 @@ def test_a_guest_paused_not_by_a_fence_is_unpaused_and_protected_again(
     launcher = FakeLauncher()
 
     async def scenario() -> None:
-        await scene.create(designated=False)
-        await scene.peer_xennode(scene.b)
-        host.create_guest(scene.domain, memory_mib=16)
-        agent = Agent(scene.settings(scene.a, host), launcher=launcher)
-        try:
-            async with running(agent):
-                await until(lambda: bool(launcher.launched))
-                primary = launcher.by_role("primary")
-                primary.connect(checkpoints=0)
-                # Paused by someone else, and xl remus gives up on it (a paused guest cannot
-                # be suspended for a checkpoint).
-                assert host.xl("pause", scene.domain).returncode == 0
-                primary.state, primary.reason = "Failed", "XlExited"
-                await until(lambda: has_event(scene, "GuestUnpaused"), seconds=15)
-                await until(lambda: not paused(host, scene.domain))
-                # And protected again: a new primary replicator for the running guest.
-                await until(lambda: len(launcher.launched) == 2, seconds=15)
-                assert "stop" in primary.calls
-                assert not await has_event(scene, "SelfFenced")
-                assert await scene.holder() == scene.a
-        finally:
-            host.xl("destroy", scene.domain)
+        async with active_agent(scene, host, launcher, designated=False) as (_, primary):
+            primary.connect(checkpoints=0)
+            # Paused by someone else, and xl remus gives up on it (a paused guest cannot
+            # be suspended for a checkpoint).
+            assert host.xl("pause", scene.domain).returncode == 0
+            primary.state, primary.reason = "Failed", "XlExited"
+            await until(lambda: has_event(scene, "GuestUnpaused"), seconds=15)
+            await until(lambda: not paused(host, scene.domain))
+            # And protected again: a new primary replicator for the running guest.
+            await until(lambda: len(launcher.launched) == 2, seconds=15)
+            assert "stop" in primary.calls
+            assert not await has_event(scene, "SelfFenced")
+            assert await scene.holder() == scene.a
 
     run(scenario())
 
@@ -75,25 +65,16 @@ def test_a_paused_guest_whose_lease_is_held_elsewhere_is_never_unpaused(
     launcher = FakeLauncher()
 
     async def scenario() -> None:
-        await scene.create(designated=False)
-        await scene.peer_xennode(scene.b)
-        host.create_guest(scene.domain, memory_mib=16)
-        agent = Agent(scene.settings(scene.a, host), launcher=launcher)
-        try:
-            async with running(agent):
-                await until(lambda: bool(launcher.launched))
-                primary = launcher.by_role("primary")
-                primary.connect(checkpoints=0)
-                assert host.xl("pause", scene.domain).returncode == 0
-                await scene.set_holder(scene.b)  # the standby took over meanwhile
-                primary.state, primary.reason = "Failed", "XlExited"
-                # The copy is destroyed, as any copy the Lease does not name; it never ran.
-                await until(lambda: host.domain(scene.domain) is None, seconds=15)
-                assert not await has_event(scene, "GuestUnpaused")
-                await asyncio.sleep(1)
-                assert len(launcher.launched) == 1
-        finally:
-            host.xl("destroy", scene.domain)
+        async with active_agent(scene, host, launcher, designated=False) as (_, primary):
+            primary.connect(checkpoints=0)
+            assert host.xl("pause", scene.domain).returncode == 0
+            await scene.set_holder(scene.b)  # the standby took over meanwhile
+            primary.state, primary.reason = "Failed", "XlExited"
+            # The copy is destroyed, as any copy the Lease does not name; it never ran.
+            await until(lambda: host.domain(scene.domain) is None, seconds=15)
+            assert not await has_event(scene, "GuestUnpaused")
+            await asyncio.sleep(1)
+            assert len(launcher.launched) == 1
 
     run(scenario())
 
@@ -106,23 +87,14 @@ def test_a_paused_guest_with_a_designated_standby_is_unpaused_once_it_is_revoked
     launcher = FakeLauncher()
 
     async def scenario() -> None:
-        await scene.create(designated=True)
-        await scene.peer_xennode(scene.b)
-        host.create_guest(scene.domain, memory_mib=16)
-        agent = Agent(scene.settings(scene.a, host), launcher=launcher)
-        try:
-            async with running(agent):
-                await until(lambda: bool(launcher.launched))
-                primary = launcher.by_role("primary")
-                primary.connect(checkpoints=3)
-                assert host.xl("pause", scene.domain).returncode == 0
-                primary.lose_peer()
-                primary.state, primary.reason = "Failed", "XlExited"
-                await until(lambda: has_event(scene, "GuestUnpaused"), seconds=15)
-                assert await scene.designated() is None
-                await until(lambda: not paused(host, scene.domain))
-                assert await scene.holder() == scene.a
-        finally:
-            host.xl("destroy", scene.domain)
+        async with active_agent(scene, host, launcher, designated=True) as (_, primary):
+            primary.connect(checkpoints=3)
+            assert host.xl("pause", scene.domain).returncode == 0
+            primary.lose_peer()
+            primary.state, primary.reason = "Failed", "XlExited"
+            await until(lambda: has_event(scene, "GuestUnpaused"), seconds=15)
+            assert await scene.designated() is None
+            await until(lambda: not paused(host, scene.domain))
+            assert await scene.holder() == scene.a
 
     run(scenario())
