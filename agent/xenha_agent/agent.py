@@ -32,6 +32,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from xenha.api.fencing import pause_after
 from xenha.api.models import FailoverRecord, Mode, NodeReplication, XenNodeStatus
 from xenha_agent import events as ev
 from xenha_agent import launch, state
@@ -45,7 +46,6 @@ from xenha_agent.fencing import (
     StandbyView,
     decide_active,
     decide_standby,
-    margin,
     renewal_fresh,
     takeover_possible,
 )
@@ -1219,7 +1219,7 @@ class Agent:
         if reason == FENCE_NOT_IN_PLACE:
             why = "it was recorded as fenced but found running"
         else:
-            stale = record.lease_duration - margin(record.lease_duration)
+            stale = pause_after(record.lease_duration)
             why = f"no host Lease renewal for {stale:g}s and a standby could take over"
         await self._emit(
             uid,

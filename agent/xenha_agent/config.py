@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from xenha.api.fencing import host_lease_name
+
 DEFAULT_NAMESPACE = "xenha-system"
 DEFAULT_XENSTORE_SOCKET = Path("/var/run/xenstored/socket")
 DEFAULT_RUN_DIR = Path("/run/xenha")
@@ -146,10 +148,6 @@ class AgentSettings:
             log_level=env.get("XENHA_LOG_LEVEL") or "INFO",
             replicator_launcher=launcher,  # type: ignore[arg-type]  # checked just above
         )
-
-
-def host_lease_name(node: str) -> str:
-    return f"xenha-node-{node}"
 
 
 def _port_range(raw: str) -> tuple[int, int]:

@@ -51,6 +51,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
+from xenha.api.fencing import pause_after
+
 RENEW_MIN = 0.25
 RENEW_MAX = 5.0
 
@@ -80,11 +82,6 @@ class Decision(Generic[A]):
     action: A
     # CamelCase, for logs, Events and status reasons.
     reason: str
-
-
-def margin(lease_duration: float) -> float:
-    """Safety margin the active keeps between its last renewal and the standby's expiry."""
-    return max(lease_duration / 4, 0.3)
 
 
 def renew_period(lease_durations: Iterable[float], idle_duration: float) -> float:
@@ -180,7 +177,7 @@ class ActiveView:
 def renewal_fresh(v: ActiveView) -> bool:
     if v.own_last_renewal is None:
         return False
-    return v.now - v.own_last_renewal <= v.lease_duration - margin(v.lease_duration)
+    return v.now - v.own_last_renewal <= pause_after(v.lease_duration)
 
 
 def takeover_possible(v: ActiveView) -> bool:

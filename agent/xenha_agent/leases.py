@@ -23,7 +23,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from xenha_agent.config import host_lease_name
+from xenha.api.fencing import (
+    HOST_LEASE,
+    HOST_LEASE_LABEL,
+    LEASE_KIND_LABEL,
+    host_lease_name,
+    host_lease_node,
+)
 from xenha_agent.fencing import HolderObservation, renew_period
 from xenha_agent.kube import (
     ApiError,
@@ -40,9 +46,7 @@ log = logging.getLogger(__name__)
 Clock = Callable[[], float]
 WallClock = Callable[[], datetime]
 
-HOST_LEASE_LABEL = "xenha.io/host-lease"
 NODE_LABEL = "xenha.io/node"
-HOST_LEASE_PREFIX = "xenha-node-"
 
 
 def micro_time(moment: datetime) -> str:
@@ -61,7 +65,7 @@ def host_lease(node: str, *, namespace: str, duration: float, now: datetime) -> 
         "metadata": {
             "name": host_lease_name(node),
             "namespace": namespace,
-            "labels": {HOST_LEASE_LABEL: "true", NODE_LABEL: node},
+            "labels": {HOST_LEASE_LABEL: "true", LEASE_KIND_LABEL: HOST_LEASE, NODE_LABEL: node},
         },
         "spec": {
             "holderIdentity": node,
@@ -200,6 +204,12 @@ def _renewed(lease: Obj, node: str, duration: float, now: datetime) -> Obj:
         spec["acquireTime"] = micro_time(now)
     spec["renewTime"] = micro_time(now)
     spec["leaseDurationSeconds"] = max(1, math.ceil(duration))
+    metadata = dict(body.get("metadata") or {})
+    labels = dict(metadata.get("labels") or {})
+    if labels.get(LEASE_KIND_LABEL) != HOST_LEASE:
+        # A Lease made by an agent from before the label: the operator watches by it.
+        metadata["labels"] = {**labels, LEASE_KIND_LABEL: HOST_LEASE}
+        body["metadata"] = metadata
     return body
 
 
@@ -267,10 +277,9 @@ class HostLeaseWatcher:
         return True
 
     def _on_change(self, key: str, obj: Obj | None) -> None:
-        name = key.rpartition("/")[2]
-        if not name.startswith(HOST_LEASE_PREFIX):
+        node = host_lease_node(key.rpartition("/")[2])
+        if node is None:
             return
-        node = name.removeprefix(HOST_LEASE_PREFIX)
         if obj is None:
             # Deleted: nobody renews it now; not a sign of life, so no change is recorded.
             return

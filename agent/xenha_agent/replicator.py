@@ -48,9 +48,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
+from xenha.api.fencing import pause_after
 from xenha_agent import frames
 from xenha_agent.checkpoint_stats import CheckpointStats
-from xenha_agent.fencing import margin
 from xenha_agent.relay import (
     FdSink,
     FdSource,
@@ -678,7 +678,7 @@ class Replicator:
             return None
         renewed, duration = lease
         stale = time.monotonic() - renewed
-        if stale <= duration - margin(duration):
+        if stale <= pause_after(duration):
             return None
         stream = "stream lost" if link is not None and link.is_down else "stream alive"
         return f"SelfFence: last renewal {stale:.1f}s old ({stream})"
@@ -732,7 +732,7 @@ class Replicator:
         if lease is None:
             return True  # never told: the watchdog is not armed either
         renewed, duration = lease
-        return time.monotonic() - renewed <= duration - margin(duration)
+        return time.monotonic() - renewed <= pause_after(duration)
 
     def _need(self, role: str) -> None:
         if self.config.role != role:

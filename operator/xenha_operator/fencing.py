@@ -15,6 +15,8 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
+from xenha.api.fencing import FENCING_LEASE, LEASE_KIND_LABEL
+
 from .owned import Owner, owned_metadata
 
 
@@ -31,10 +33,12 @@ def fence_lease(
     *, owner: Owner, holder: str, lease_duration_seconds: int, now: datetime
 ) -> dict[str, Any]:
     """The Lease as first created: held by `holder`, no transitions yet."""
+    metadata = owned_metadata(owner, fence_lease_name(owner.name))
+    metadata["labels"][LEASE_KIND_LABEL] = FENCING_LEASE
     return {
         "apiVersion": "coordination.k8s.io/v1",
         "kind": "Lease",
-        "metadata": owned_metadata(owner, fence_lease_name(owner.name)),
+        "metadata": metadata,
         "spec": {
             "holderIdentity": holder,
             "leaseDurationSeconds": lease_duration_seconds,

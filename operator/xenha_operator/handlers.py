@@ -42,6 +42,7 @@ from typing import Any
 import kopf
 
 from xenha.api import GROUP, VERSION
+from xenha.api.fencing import HOST_LEASE_LABEL, host_lease_node
 
 from . import certs, events, fencing, observe, status
 from .kube import (
@@ -86,6 +87,7 @@ class Context:
     metrics: OperatorMetrics = field(default_factory=OperatorMetrics)
     clock: Callable[[], datetime] = utcnow
     heartbeats: observe.HeartbeatTracker = field(default_factory=observe.HeartbeatTracker)
+    renewals: observe.HeartbeatTracker = field(default_factory=observe.HeartbeatTracker)
     instance: str = field(default_factory=events.reporting_instance)
     _wakeups: dict[str, asyncio.Event] = field(default_factory=dict)
     _interest: dict[str, frozenset[str]] = field(default_factory=dict)
@@ -177,6 +179,7 @@ class Context:
             leases=indices["fence_leases"],
             replications=replications,
             heartbeats=self.heartbeats,
+            renewals=self.renewals,
             now=self.clock(),
             deleting=True if deleting else None,
         )
@@ -466,6 +469,21 @@ def fence_leases(
     for uid in record.owners:
         ctx.wake(uid)
     return {(namespace, name): record}
+
+
+@kopf.index(*LEASE, labels={HOST_LEASE_LABEL: "true"}, registry=registry)
+def host_lease_renewals(
+    name: str, spec: Mapping[str, Any], memo: Any, **_: Any
+) -> dict[str, object] | None:
+    """Each agent's host Lease: when it was last seen renewed. No wake-up: renewals are the
+    normal case, and the resync notices the lack of them (status: the active's Ready)."""
+    node = host_lease_node(name)
+    if node is None:
+        return None
+    ctx = context(memo)
+    renewed = spec.get("renewTime")
+    ctx.renewals.observe(node, renewed, ctx.clock())
+    return {node: renewed}
 
 
 @kopf.index(*XR, registry=registry)

@@ -25,10 +25,11 @@ from typing import Any
 import kopf
 from kubernetes.config.config_exception import ConfigException
 
+from xenha.api.fencing import LEASE_KIND_LABEL
+
 from . import handlers
 from .kube import Kind, Kube, KubeError, load_configuration
 from .metrics import OperatorMetrics
-from .owned import REPLICATION_LABEL
 from .peering import PEERING_GROUP, PEERING_VERSION, peering_object
 from .settings import FINALIZER, OperatorSettings, parse_args
 
@@ -61,7 +62,8 @@ def kopf_settings(ours: OperatorSettings) -> kopf.OperatorSettings:
     settings.persistence.diffbase_storage = _NoDiffBase()
     settings.posting.level = logging.WARNING
     settings.posting.reporting_component = ours.reporting_component
-    settings.watching.label_selectors["coordination.k8s.io", "leases"] = REPLICATION_LABEL
+    # Only xenha's Leases (fencing and host), not every Lease in the cluster.
+    settings.watching.label_selectors["coordination.k8s.io", "leases"] = LEASE_KIND_LABEL
     # Daemons exit at once when told; poll quickly in case one is mid-request.
     settings.background.cancellation_polling = 1
     return settings

@@ -1,8 +1,8 @@
 """From API objects (as kopf's indexes hold them) to the pure `status.Observation`.
 
-The only state kept here is `HeartbeatTracker`: when the operator last saw each node's
-heartbeat change, by its own clock. That is how staleness is judged without trusting that a
-node's clock agrees with ours.
+The only state kept here is `HeartbeatTracker`: when the operator last saw something of each
+node's change (its XenNode heartbeat; its host Lease renewal), by its own clock. That is how
+staleness is judged without trusting that a node's clock agrees with ours.
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ def parse_time(value: object) -> datetime | None:
 
 @dataclass
 class HeartbeatTracker:
-    """When each node's `heartbeatTime` last changed, by the operator's clock."""
+    """When a value of each node's (`heartbeatTime`, a Lease's `renewTime`) last changed, by
+    the operator's clock."""
 
     _last: dict[str, tuple[object, datetime]] = field(default_factory=dict)
 
@@ -124,6 +125,7 @@ def observation(
     replications: Iterable[OtherReplication],
     heartbeats: HeartbeatTracker,
     now: datetime,
+    renewals: HeartbeatTracker | None = None,
     deleting: bool | None = None,
 ) -> Observation:
     meta = body["metadata"]
@@ -149,7 +151,12 @@ def observation(
                 status = XenNodeStatus.model_validate(reports[-1])
             except ValidationError:
                 status = XenNodeStatus()
-        nodes[node] = NodeView(name=node, status=status, heartbeat_seen=heartbeats.seen(node))
+        nodes[node] = NodeView(
+            name=node,
+            status=status,
+            heartbeat_seen=heartbeats.seen(node),
+            renewal_seen=renewals.seen(node) if renewals is not None else None,
+        )
 
     return Observation(
         namespace=namespace,

@@ -380,6 +380,21 @@ def _ready(
         return ConditionStatus.FALSE, verdict.reason, verdict.message
     if view is None or not view.exists:
         return ConditionStatus.FALSE, Reason.NODE_NOT_FOUND, f"no XenNode {a}"
+    silent = _renewals_silent_for(obs, view, spec)
+    if silent is not None:
+        # The agent's watchdog pauses the guest at D - margin without a renewal whenever a
+        # standby could take over: whatever its last report said, it is not running now.
+        fate = (
+            f"by the fencing protocol it has paused {spec.domain}, unless {roles.standby} "
+            "has taken over"
+            if verdict.protected
+            else f"what {spec.domain} does there is unknown"
+        )
+        return (
+            ConditionStatus.UNKNOWN,
+            Reason.NODE_UNRESPONSIVE,
+            f"the agent on {a} has not renewed its host Lease for {silent:.0f}s; {fate}",
+        )
     if a not in found.responsive:
         if (
             s_rep is not None
@@ -487,6 +502,18 @@ def _stats_source(
 
 def _checkpoints_counted(rep: NodeReplication) -> int:
     return (rep.checkpoints.total or 0) if rep.checkpoints is not None else 0
+
+
+def _renewals_silent_for(
+    obs: Observation, view: NodeView, spec: XenReplicationSpec
+) -> float | None:
+    """Seconds without a host-Lease renewal of `view`'s node, once that is longer than D;
+    None before (or if never seen). The agent pauses at D - margin after its last renewal was
+    *sent*; judged from when the operator *saw* one, the margin absorbs the watch's lag."""
+    if view.renewal_seen is None:
+        return None
+    silent = (obs.now - view.renewal_seen).total_seconds()
+    return silent if silent > spec.failover.lease_duration_seconds else None
 
 
 def _last_failover(

@@ -74,6 +74,9 @@ class NodeView:
     status: XenNodeStatus | None
     #: When the operator last saw the heartbeat change, by its own clock; None: never.
     heartbeat_seen: datetime | None = None
+    #: When the operator last saw the node's host Lease renewed, by its own clock; None: never
+    #: (or the Lease is outside what the operator watches).
+    renewal_seen: datetime | None = None
 
     @property
     def exists(self) -> bool:

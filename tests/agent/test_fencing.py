@@ -19,9 +19,10 @@ from xenha_agent.fencing import (
     StandbyView,
     decide_active,
     decide_standby,
-    margin,
     renew_period,
 )
+
+from xenha.api.fencing import margin
 
 D = 10.0
 ME, PEER, OTHER = "xen-b", "xen-a", "xen-c"

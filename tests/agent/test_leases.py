@@ -11,7 +11,6 @@ import pytest
 from xenha_agent.fencing import HolderObservation
 from xenha_agent.kube import ApiUnavailable, Conflict, Connection, KubeClient, leases_path
 from xenha_agent.leases import (
-    HOST_LEASE_LABEL,
     STANDBY_ANNOTATION,
     Cas,
     HostLeaseRenewer,
@@ -26,6 +25,8 @@ from xenha_agent.leases import (
     revoke_standby,
     transfer_fencing_lease,
 )
+
+from xenha.api.fencing import HOST_LEASE_LABEL
 
 pytestmark = pytest.mark.integration
 

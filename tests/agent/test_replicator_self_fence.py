@@ -26,10 +26,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from xenha_agent.fencing import margin
 from xenha_agent.pipe import transport_command
 from xenha_agent.replicator import Replicator, _Handler
 from xenha_agent.replicator_config import ReplicatorConfig, xl_socket_path
+
+from xenha.api.fencing import margin
 
 from .certs import TestCA
 

@@ -430,6 +430,15 @@ def test_an_active_node_cut_off_from_the_api_pauses_or_hands_over_never_two_copi
                     break
                 time.sleep(0.2)
             seen["decidedAfterS"] = round(time.time() - cut, 2)
+            if outcome is not None and outcome.startswith("paused"):
+                # The status stops calling the guest running once the operator has seen no
+                # renewal of the active's host Lease for D, though its last report said so.
+                until(
+                    lambda: condition(stack, "demo1", "Ready").get("reason") == "NodeUnresponsive",
+                    "the status to stop calling demo1 Ready while it is paused",
+                )
+                seen["readyWhilePaused"] = condition(stack, "demo1", "Ready").get("message")
+                seen["readyUnknownAfterS"] = round(time.time() - cut, 2)
             seen["whileCut"] = {
                 active: domains(stack, active).get("demo1"),
                 "leaseHolder": lease_holder(stack, "demo1"),

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from xenha.api import API_VERSION, GROUP, VERSION
+from xenha.api.fencing import HOST_LEASE, HOST_LEASE_LABEL, LEASE_KIND_LABEL, host_lease_name
 
 if TYPE_CHECKING:
     from kubernetes.client import ApiClient
@@ -135,6 +136,30 @@ class Admin:
         spec["holderIdentity"] = holder
         spec["leaseTransitions"] = int(spec.get("leaseTransitions") or 0) + 1
         spec["acquireTime"] = spec["renewTime"] = now_iso()
+        self.custom.replace_namespaced_custom_object(
+            "coordination.k8s.io", "v1", ns, "leases", name, lease
+        )
+
+    def renew_host_lease(self, ns: str, node: str) -> None:
+        """What a node's agent does every D/4: create or renew its host Lease."""
+        name = host_lease_name(node)
+        lease = self.lease(ns, name)
+        if lease is None:
+            spec = {"holderIdentity": node, "leaseDurationSeconds": 2, "renewTime": now_iso()}
+            body = {
+                "apiVersion": "coordination.k8s.io/v1",
+                "kind": "Lease",
+                "metadata": {
+                    "name": name,
+                    "labels": {HOST_LEASE_LABEL: "true", LEASE_KIND_LABEL: HOST_LEASE},
+                },
+                "spec": spec,
+            }
+            self.custom.create_namespaced_custom_object(
+                "coordination.k8s.io", "v1", ns, "leases", body
+            )
+            return
+        lease["spec"]["renewTime"] = now_iso()
         self.custom.replace_namespaced_custom_object(
             "coordination.k8s.io", "v1", ns, "leases", name, lease
         )

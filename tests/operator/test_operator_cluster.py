@@ -8,6 +8,7 @@ the operator makes of them: owned objects, status, Events.
 from __future__ import annotations
 
 import base64
+import time
 import urllib.request
 from typing import Any
 
@@ -281,3 +282,41 @@ def test_liveness_and_metrics_endpoints(scene, admin, agents, start_operator):
     )
     assert 'xenha_operator_transitions_total{reason="Protected"} 1.0' in text
     assert "xenha_operator_reconcile_duration_seconds_count" in text
+
+
+def test_an_active_whose_host_lease_goes_unrenewed_is_not_called_ready(
+    scene, admin, agents, start_operator
+):
+    """Its agent pauses the guest once its renewals are older than D - margin (a standby could
+    take over): its XenNode report, fresh or not, no longer says what runs there."""
+    ns, a, b = scene.ns, scene.a, scene.b
+    agents.set(a, **scene.report(("db1",)))
+    agents.set(b, **scene.report())
+    start_operator("--standalone")
+    scene.create()
+    scene.replicating(a, b)
+    scene.wait_phase("Protected")
+
+    def renewed_and_ready() -> bool:
+        admin.renew_host_lease(ns, a)
+        return bool(scene.condition("Ready") == ("True", "Running"))
+
+    def ready_message() -> str:
+        ready = [c for c in scene.status()["conditions"] if c["type"] == "Ready"]
+        return str(ready[0]["message"])
+
+    scene.wait_for("Ready while A renews", renewed_and_ready, interval=0.3)
+    end = time.monotonic() + 4  # twice D (2 s): still Ready
+    while time.monotonic() < end:
+        assert renewed_and_ready(), ready_message()
+        time.sleep(0.3)
+    # A's agent loses the API: no more renewals, though its XenNode report stays fresh.
+    scene.wait_for(
+        "Ready to turn Unknown",
+        lambda: scene.condition("Ready") == ("Unknown", "NodeUnresponsive"),
+        timeout=15,
+    )
+    assert "has not renewed its host Lease" in ready_message()
+    assert scene.status()["phase"] == "Protected"
+    # Renewing again (the API is back): Ready again.
+    scene.wait_for("Ready once A renews again", renewed_and_ready, timeout=15, interval=0.3)

@@ -1322,3 +1322,41 @@ def test_colo_unsupported_on_the_active_node_fails_the_replication_with_one_even
         told += reasons(out)
         previous = out.status
     assert told == ["ColoUnsupported"]
+
+
+# --- the active's host Lease --------------------------------------------------------------
+# Its agent pauses the guest once its renewals are older than D - margin and a standby could
+# take over: once the operator has seen none for D (10 s here), the active's last report no
+# longer says what runs there.
+
+
+def renewed(view: NodeView, seconds_ago: float) -> NodeView:
+    return replace(view, renewal_seen=NOW - timedelta(seconds=seconds_ago))
+
+
+def ready_with_renewals(seconds_ago: float, *, a_report_age: float = 1.0) -> Outcome:
+    a, b = REPLICATING
+    a = replace(renewed(a, seconds_ago), heartbeat_seen=NOW - timedelta(seconds=a_report_age))
+    spec = {"failover": {"leaseDurationSeconds": 10}}
+    return reconcile(observe(a, b, lease_holder=A, spec=spec), TIMING)
+
+
+def test_the_active_is_ready_while_its_host_lease_is_renewed() -> None:
+    out = ready_with_renewals(9.5)
+    assert condition(out, READY) == (ConditionStatus.TRUE, "Running")
+
+
+def test_an_active_whose_host_lease_goes_unrenewed_for_d_is_not_called_running() -> None:
+    out = ready_with_renewals(10.5)
+    assert condition(out, READY) == (ConditionStatus.UNKNOWN, "NodeUnresponsive")
+    ready = next(c for c in out.status.conditions if c.type == READY)
+    assert f"has paused db1, unless {B} has taken over" in ready.message
+    # The standby still holds its copy: protection is not what changed.
+    assert out.status.phase is Phase.PROTECTED
+
+
+def test_checkpoints_from_a_silent_agent_do_not_outweigh_an_unrenewed_host_lease() -> None:
+    # Its report is stale too; before the host Lease was read, the standby's checkpoints
+    # made the guest count as running (an agent restart looks like that).
+    out = ready_with_renewals(20.0, a_report_age=30.0)
+    assert condition(out, READY) == (ConditionStatus.UNKNOWN, "NodeUnresponsive")
