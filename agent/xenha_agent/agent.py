@@ -561,27 +561,25 @@ class Agent:
         lease = self._fence_lease(uid)
         if lease is not None and lease.holder not in (None, self.me):
             return False  # not ours to pause: the ordinary decision destroys it
-        view = ActiveView(
+        view = self._renewals_view(uid, lease, self._designation_in_doubt(uid))
+        return not renewal_fresh(view) and takeover_possible(view)
+
+    def _renewal_fresh(self, uid: str) -> bool:
+        return renewal_fresh(self._renewals_view(uid))
+
+    def _renewals_view(
+        self, uid: str, lease: FencingLease | None = None, designation_in_doubt: bool = False
+    ) -> ActiveView:
+        """What the watchdog weighs: this node's renewals against the replication's D."""
+        return ActiveView(
             now=self.clock(),
             me=self.me,
             lease_duration=self._lease_duration(uid),
             peer_lost_at=None,
             own_last_renewal=self.renewer.last_renewal,
             lease=lease,
-            designation_in_doubt=self._designation_in_doubt(uid),
+            designation_in_doubt=designation_in_doubt,
         )
-        return not renewal_fresh(view) and takeover_possible(view)
-
-    def _renewal_fresh(self, uid: str) -> bool:
-        view = ActiveView(
-            now=self.clock(),
-            me=self.me,
-            lease_duration=self._lease_duration(uid),
-            peer_lost_at=None,
-            own_last_renewal=self.renewer.last_renewal,
-            lease=None,
-        )
-        return renewal_fresh(view)
 
     # -- retries ----------------------------------------------------------------------------
 
