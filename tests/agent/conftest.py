@@ -8,6 +8,9 @@
 - ``admin_kubeconfig``: the control plane's admin kubeconfig.
 - ``run``: runs coroutines on one event loop kept for the whole test.
 - ``scene``: a ``Scene`` (scene.py) in a fresh namespace: the test plays the operator.
+- ``host`` (module): one simulated Xen host, ``sim-a``.
+- ``pair``: two simulated Xen hosts, ``ha`` and ``hb``, on one fabric (their guests can
+  reach each other's services).
 """
 
 from __future__ import annotations
@@ -116,3 +119,29 @@ def scene(
         run(made.cleanup())
         run(admin.close())
         shutil.rmtree(short, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    from xenha.sim.host import SimHost
+
+    started = SimHost.start(tmp_path_factory.mktemp("sim-a"), "sim-a")
+    try:
+        yield started
+    finally:
+        started.stop()
+
+
+@pytest.fixture
+def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    from xenha.sim.host import SimHost
+
+    fabric = tmp_path_factory.mktemp("fabric")
+    started: dict[str, Any] = {}
+    try:
+        for name in ("ha", "hb"):
+            started[name] = SimHost.start(tmp_path_factory.mktemp(name), name, fabric_dir=fabric)
+        yield started
+    finally:
+        for one in started.values():
+            one.stop()

@@ -10,7 +10,7 @@ import asyncio
 import base64
 import contextlib
 import dataclasses
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -227,6 +227,17 @@ async def active_agent(
             yield agent, launcher.by_role("primary")
     finally:
         host.xl("destroy", scene.domain)
+
+
+@contextlib.contextmanager
+def api_cut(agent: Agent) -> Iterator[None]:
+    """Inside the block the agent's API server is unreachable (connection refused)."""
+    real = agent.kube.connection.host
+    agent.kube.connection.host = "https://127.0.0.1:1"
+    try:
+        yield
+    finally:
+        agent.kube.connection.host = real
 
 
 async def until(

@@ -25,6 +25,7 @@ from .fake_replicator import FakeLauncher
 from .scene import (
     D,
     active_agent,
+    api_cut,
     has_event,
     host_lease_renewed_once,
     paused,
@@ -253,16 +254,14 @@ def test_active_fences_itself_without_api_and_peer_then_resumes(scene, hosts, ru
         async with active_agent(scene, host, launcher) as (agent, primary):
             primary.connect()
             await until(lambda: primary.lease is not None)
-            real_host = agent.kube.connection.host
             # Cut this agent off from the API server, then lose the peer too: it cannot
             # revoke, so it holds the output and pauses before the standby may take over.
-            agent.kube.connection.host = "https://127.0.0.1:1"
-            primary.lose_peer()
-            await until(lambda: "fence" in primary.calls, seconds=D + 5)
-            assert paused(host, scene.domain)
-            assert "degrade" not in primary.calls
+            with api_cut(agent):
+                primary.lose_peer()
+                await until(lambda: "fence" in primary.calls, seconds=D + 5)
+                assert paused(host, scene.domain)
+                assert "degrade" not in primary.calls
             # Back on the API: revoke, release, resume (the fencing Lease is still ours).
-            agent.kube.connection.host = real_host
             await until(lambda: not paused(host, scene.domain), seconds=D + 10)
             assert "degrade" in primary.calls
             assert await scene.designated() is None
@@ -292,13 +291,11 @@ def test_active_cut_off_from_the_api_only_pauses_with_the_stream_alive_then_resu
             primary.connect()
             await until(lambda: primary.lease is not None)
             before = await scene.admin.get(leases_path(scene.ns, "db1-fence"))
-            real_host = agent.kube.connection.host
-            agent.kube.connection.host = "https://127.0.0.1:1"
-            await until(lambda: "fence" in primary.calls, seconds=D + 5)
-            assert paused(host, scene.domain)
-            assert primary.peer_connected
-            assert "degrade" not in primary.calls
-            agent.kube.connection.host = real_host
+            with api_cut(agent):
+                await until(lambda: "fence" in primary.calls, seconds=D + 5)
+                assert paused(host, scene.domain)
+                assert primary.peer_connected
+                assert "degrade" not in primary.calls
             await until(lambda: "unfence" in primary.calls, seconds=D + 10)
             await until(lambda: not paused(host, scene.domain))
             after = await scene.admin.get(leases_path(scene.ns, "db1-fence"))
@@ -321,19 +318,17 @@ def test_a_resume_that_fails_is_reported_and_retried_and_the_guest_stays_paused(
         async with active_agent(scene, host, launcher) as (agent, primary):
             primary.connect()
             await until(lambda: primary.lease is not None)
-            real_host = agent.kube.connection.host
-            agent.kube.connection.host = "https://127.0.0.1:1"
-            await until(lambda: "fence" in primary.calls, seconds=D + 5)
-            answer = primary.handle
+            with api_cut(agent):
+                await until(lambda: "fence" in primary.calls, seconds=D + 5)
+                answer = primary.handle
 
-            def refuse_unfence(request: dict[str, Any]) -> dict[str, Any]:
-                if request.get("op") == "unfence":
-                    primary.calls.append("unfence")
-                    return {"ok": False, "error": "xl unpause failed", "state": "Fenced"}
-                return answer(request)
+                def refuse_unfence(request: dict[str, Any]) -> dict[str, Any]:
+                    if request.get("op") == "unfence":
+                        primary.calls.append("unfence")
+                        return {"ok": False, "error": "xl unpause failed", "state": "Fenced"}
+                    return answer(request)
 
-            primary.handle = refuse_unfence  # type: ignore[method-assign]
-            agent.kube.connection.host = real_host
+                primary.handle = refuse_unfence  # type: ignore[method-assign]
             await until(lambda: has_event(scene, "FenceLiftFailed"), seconds=D + 10)
             await until(lambda: primary.calls.count("unfence") >= 3)
             # Not lifted behind the replicator's back: still paused, still recorded fenced.
@@ -358,6 +353,7 @@ def test_an_unreachable_api_is_retried_spaced_out_and_logged_once(scene, hosts, 
         async with active_agent(scene, host, launcher) as (agent, primary):
             primary.connect()
             await until(lambda: primary.lease is not None)
+            # Cut for good: a restored API would let the revoke land and log once more.
             agent.kube.connection.host = "https://127.0.0.1:1"
             primary.lose_peer()
             await until(lambda: "fence" in primary.calls, seconds=D + 5)

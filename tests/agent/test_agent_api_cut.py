@@ -20,7 +20,6 @@ import asyncio
 import json
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,21 +33,6 @@ pytestmark = pytest.mark.integration
 
 # D: long enough that the margin (D/4 = 2 s) absorbs a slow `xl pause` on a loaded machine.
 LEASE = 8
-
-
-@pytest.fixture
-def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    from xenha.sim.host import SimHost
-
-    fabric = tmp_path_factory.mktemp("fabric")
-    started = {
-        n: SimHost.start(tmp_path_factory.mktemp(n), n, fabric_dir=fabric) for n in ("ha", "hb")
-    }
-    try:
-        yield started
-    finally:
-        for host in started.values():
-            host.stop()
 
 
 class Users(threading.Thread):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -24,21 +24,6 @@ from .scene import Scene, has_event, paused, running, state_is, until, wait_entr
 pytestmark = pytest.mark.integration
 
 LEASE = 5
-
-
-@pytest.fixture
-def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    from xenha.sim.host import SimHost
-
-    fabric = tmp_path_factory.mktemp("fabric")
-    started = {
-        n: SimHost.start(tmp_path_factory.mktemp(n), n, fabric_dir=fabric) for n in ("ha", "hb")
-    }
-    try:
-        yield started
-    finally:
-        for host in started.values():
-            host.stop()
 
 
 async def real_tls(scene: Scene) -> None:

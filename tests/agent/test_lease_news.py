@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import base64
 import itertools
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -29,17 +28,6 @@ from .fake_replicator import FakeLauncher
 from .scene import D, Scene, running, until
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    from xenha.sim.host import SimHost
-
-    started = SimHost.start(tmp_path_factory.mktemp("sim-a"), "sim-a")
-    try:
-        yield started
-    finally:
-        started.stop()
 
 
 async def second_replication(scene: Scene, name: str, domain: str) -> str:

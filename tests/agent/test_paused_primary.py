@@ -14,7 +14,7 @@ plays the operator and the replicator (fake_replicator.py).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -23,17 +23,6 @@ from .fake_replicator import FakeLauncher
 from .scene import Scene, active_agent, has_event, paused, until
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    from xenha.sim.host import SimHost
-
-    started = SimHost.start(tmp_path_factory.mktemp("sim-a"), "sim-a")
-    try:
-        yield started
-    finally:
-        started.stop()
 
 
 def test_a_guest_paused_not_by_a_fence_is_unpaused_and_protected_again(

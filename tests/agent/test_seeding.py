@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -46,21 +46,6 @@ GATED_XL = """#!/bin/sh
 if [ "$1" = migrate-receive ] && [ ! -e '{gate}' ]; then kill -STOP $$; fi
 exec '{xl}' "$@"
 """
-
-
-@pytest.fixture
-def pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
-    from xenha.sim.host import SimHost
-
-    fabric = tmp_path_factory.mktemp("fabric")
-    started: dict[str, Any] = {}
-    try:
-        for name in ("ha", "hb"):
-            started[name] = SimHost.start(tmp_path_factory.mktemp(name), name, fabric_dir=fabric)
-        yield started
-    finally:
-        for host in started.values():
-            host.stop()
 
 
 def replicator_status(scene: Scene, node: str) -> dict[str, Any] | None:
